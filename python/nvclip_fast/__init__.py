@@ -1,0 +1,26 @@
+"""nvclip-fast: CLIP embeddings at full GPU speed, with exactly open_clip's numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _C
+from ._C import EngineError
+
+__version__ = "0.1.0"
+
+__all__ = ["EngineError", "__version__", "build_info", "cuda_available"]
+
+
+def build_info() -> dict[str, Any]:
+    """What this build was compiled with.
+
+    Keys: ``cuda`` (bool), ``cuda_version``, ``cuda_archs`` (list), ``tensorrt`` (bool),
+    ``tensorrt_version`` (the headers compiled against), ``compiler``, ``cpu_simd``.
+    """
+    return dict(_C.build_info())
+
+
+def cuda_available() -> bool:
+    """True when this build has CUDA and a CUDA device is usable (driver present, GPU visible)."""
+    return _C.cuda_device_count() > 0

@@ -1,0 +1,49 @@
+#include <pybind11/stl.h>
+
+#include "bindings.h"
+#include "build_info.h"
+#include "cuda_util.h"
+#if NVCLIP_WITH_TENSORRT
+#include "trt_library.h"
+#endif
+
+namespace py = pybind11;
+
+namespace nvclip {
+
+void bind_build_info(py::module_& m) {
+  m.def("build_info", [] {
+    const BuildInfo info = build_info();
+    py::dict d;
+    d["cuda"] = info.cuda;
+    d["cuda_version"] = info.cuda_version;
+    d["cuda_archs"] = info.cuda_archs;
+    d["tensorrt"] = info.tensorrt;
+    d["tensorrt_version"] = info.tensorrt_version;
+    d["compiler"] = info.compiler;
+    d["cpu_simd"] = info.cpu_simd;
+    return d;
+  }, "What this build was compiled with.");
+
+  m.def("cuda_device_count", &cuda_device_count,
+        "Usable CUDA devices (0 without a driver or GPU, or in a CPU-only build).");
+  m.def("cuda_unavailable_reason", &cuda_unavailable_reason,
+        "Why no CUDA device is usable, or '' when one is.");
+
+  m.def("tensorrt_library", [](const std::string& path) -> py::tuple {
+#if NVCLIP_WITH_TENSORRT
+    const TrtLibrary* library = nullptr;
+    {
+      py::gil_scoped_release release;
+      library = &TrtLibrary::load(path);
+    }
+    return py::make_tuple(library->path(), library->version());
+#else
+    (void)path;
+    throw EngineError("nvclip_fast was built without TensorRT support (no TensorRT headers at build time)");
+#endif
+  }, py::arg("path") = "",
+     "Load the TensorRT runtime library (dlopen); returns (path, version). Raises EngineError.");
+}
+
+}  // namespace nvclip

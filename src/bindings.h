@@ -1,0 +1,11 @@
+// One bind_<concept>(module) per concept; module.cpp only calls them.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace nvclip {
+
+void bind_errors(pybind11::module_& m);
+void bind_build_info(pybind11::module_& m);
+
+}  // namespace nvclip

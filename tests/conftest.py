@@ -1,0 +1,53 @@
+"""Markers shared by all tests: ``gpu``, ``tensorrt`` and ``slow``.
+
+``gpu`` and ``tensorrt`` tests skip themselves, with the reason, where the hardware or library is
+absent; ``slow`` tests run by default and can be deselected with ``-m "not slow"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import pytest
+
+import nvclip_fast
+from nvclip_fast import _C
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA build of nvclip_fast and a CUDA device")
+    config.addinivalue_line("markers", "tensorrt: needs TensorRT (builder and runtime) and a CUDA device")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
+
+
+@functools.cache
+def gpu_skip_reason() -> str | None:
+    if not nvclip_fast.build_info()["cuda"]:
+        return "nvclip_fast was built without CUDA"
+    if _C.cuda_device_count() == 0:
+        return _C.cuda_unavailable_reason()
+    return None
+
+
+@functools.cache
+def tensorrt_skip_reason() -> str | None:
+    if gpu_skip_reason() is not None:
+        return gpu_skip_reason()
+    if importlib.util.find_spec("tensorrt") is None:
+        return "the tensorrt Python package is not installed"
+    try:
+        import tensorrt
+
+        tensorrt.Builder  # noqa: B018  (the PyPI lean/dispatch wheels have no builder)
+    except Exception as e:
+        return f"TensorRT builder unavailable: {e}"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "gpu" in item.keywords and (reason := gpu_skip_reason()):
+            item.add_marker(pytest.mark.skip(reason=f"gpu: {reason}"))
+        if "tensorrt" in item.keywords and (reason := tensorrt_skip_reason()):
+            item.add_marker(pytest.mark.skip(reason=f"tensorrt: {reason}"))
