@@ -133,7 +133,23 @@ const std::string& Request::error() const {
   return done_ ? error_ : kNone;
 }
 
+void Request::require_done(const char* what) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!done_) throw EngineError(std::string(what) + " of request " + std::to_string(id_) + " read before it was done");
+}
+
+const uint8_t* Request::rows() const {
+  require_done("rows");
+  return rows_.get();
+}
+
+const std::vector<std::string>& Request::item_errors() const {
+  require_done("item_errors");
+  return item_errors_;
+}
+
 int64_t Request::failed_items() const {
+  require_done("failed_items");
   return std::count_if(item_errors_.begin(), item_errors_.end(), [](const std::string& e) { return !e.empty(); });
 }
 

@@ -66,18 +66,20 @@ class Request : public std::enable_shared_from_this<Request> {
   void wait() const;
   bool wait_for(std::chrono::nanoseconds timeout) const;  // false on timeout
 
-  // Valid once done().
-  RequestStatus status() const;
-  const std::string& error() const;  // why the request failed or was cancelled; "" when ok
+  RequestStatus status() const;      // kPending until done
+  const std::string& error() const;  // why the request failed or was cancelled; "" when ok or pending
+  // The results are written by the slot threads until the request is done: these throw EngineError
+  // before then rather than hand out memory that is still being written.
   // n x row_bytes, row i = image i. Rows of failed images (and of a failed request) are NaN for
   // floating-point outputs, 0 otherwise.
-  const uint8_t* rows() const { return rows_.get(); }
-  const std::vector<std::string>& item_errors() const { return item_errors_; }  // "" = ok
+  const uint8_t* rows() const;
+  const std::vector<std::string>& item_errors() const;  // per image: "" = ok, else why it failed
   int64_t failed_items() const;
 
  private:
   friend class BatchQueue;
   uint8_t* row(int64_t i) { return rows_.get() + static_cast<size_t>(i) * row_bytes_; }
+  void require_done(const char* what) const;
   // Records a request-level failure; the first one wins (its message is the clearest cause).
   void fail(RequestStatus status, const std::string& message);
   // Counts `count` images as finished; true when that was the last (the request is ready).

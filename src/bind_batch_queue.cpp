@@ -196,7 +196,8 @@ void bind_batch_queue(py::module_& m) {
       .def_property_readonly("item_errors", [](const Request& r) { return r.item_errors(); })
       .def_property_readonly("failed_items", &Request::failed_items)
       .def("rows", &request_rows,
-           "The (n, *row_shape) output rows, failed items NaN, whatever the status (no wait).")
+           "The (n, *row_shape) output rows once done (failed items NaN), whatever the status; EngineError "
+           "while pending.")
       .def("result",
            [](const std::shared_ptr<Request>& r, std::optional<double> timeout) {
              if (!request_wait(*r, timeout)) {

@@ -99,7 +99,7 @@ def test_rows_come_back_in_order_for_every_layout():
         np.full((6, 6, 1), 88, np.uint8),  # gray HWC, C = 1
         base[2:10, 3:12],  # a crop: rows padded (strided), used without a copy
         base[:, ::2],  # non-contiguous pixels: copied by the binding
-        np.ascontiguousarray(image((4, 5, 6))[::-1]),
+        image((4, 5, 6))[::-1],  # negative row stride: copied by the binding
     ]
     with make_queue() as queue:
         request = queue.submit(images)
@@ -111,6 +111,21 @@ def test_rows_come_back_in_order_for_every_layout():
     assert request.error == ""
     assert request.item_errors == [""] * len(images)
     assert len(request) == len(images)
+
+
+def test_results_cannot_be_read_while_pending():
+    with make_queue(max_batch=64, max_delay_ms=10_000.0) as queue:
+        request = queue.submit([image((1, 2, 3))])
+        assert request.status == "pending"
+        assert not request.done()
+        assert request.wait(timeout=0.01) is False
+        with pytest.raises(TimeoutError):
+            request.result(timeout=0.01)
+        for read in (request.rows, lambda: request.item_errors, lambda: request.failed_items):
+            with pytest.raises(nvclip_fast.EngineError, match="read before it was done"):
+                read()
+    # close() drains: the request ran after all
+    assert colours(request.result(timeout=0)) == [(1, 2, 3)]
 
 
 def test_zero_images():

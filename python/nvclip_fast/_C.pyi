@@ -137,11 +137,13 @@ class Request:
     def error(self) -> str: ...
     @property
     def item_errors(self) -> list[str]:
-        """Per image: "" or why that image failed (its row is NaN; the other rows are valid)."""
+        """Per image: "" or why that image failed (its row is NaN; the other rows are valid).
+        EngineError while pending (as for failed_items)."""
     @property
     def failed_items(self) -> int: ...
     def rows(self) -> npt.NDArray[Any]:
-        """(n, *output_shape[1:]) in the output's dtype, no wait; the array keeps the request alive."""
+        """(n, *output_shape[1:]) in the output's dtype once done, whatever the status (failed rows
+        NaN); EngineError while pending. The array keeps the request alive."""
     def result(self, timeout: float | None = None) -> npt.NDArray[Any]:
         """Wait, then rows(); EngineError if the request failed or was cancelled, TimeoutError."""
 

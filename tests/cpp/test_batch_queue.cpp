@@ -133,6 +133,20 @@ TEST(batch_forms_by_delay) {
   CHECK_MSG(elapsed >= 0.9 * std::chrono::duration<double>(delay).count(), "dispatched after " << elapsed << " s");
 }
 
+TEST(results_are_not_readable_while_pending) {
+  Fixture f(options(64, milliseconds(30000), 1));
+  Image image = uniform_image(2, 2, 1, 2, 3);
+  auto r = f.queue->submit(&image.view, 1);  // waits for max_delay (30 s) or close
+  CHECK(!r->done());
+  CHECK(r->status() == RequestStatus::kPending);
+  CHECK(!r->wait_for(milliseconds(10)));
+  CHECK_THROWS(r->rows(), EngineError, "read before it was done");
+  CHECK_THROWS(r->item_errors(), EngineError, "read before it was done");
+  f.queue->close(CloseMode::kDrain);  // drain runs it at once
+  CHECK(r->done());
+  CHECK(row_is(*r, 0, 1, 2, 3));
+}
+
 TEST(full_batch_does_not_wait_for_the_delay) {
   Fixture f(options(4, milliseconds(30000), 1));
   std::vector<Image> images;
