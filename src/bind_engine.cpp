@@ -51,7 +51,9 @@ py::dict cuda_array_interface(const CudaArray& a) {
   for (size_t i = 0; i < a.shape.size(); ++i) shape[i] = a.shape[i];
   d["shape"] = shape;
   d["typestr"] = cuda_typestr(a.dtype);
-  d["data"] = py::make_tuple(a.ptr, a.readonly);
+  // Always False: PyTorch's consumer raises TypeError on a read-only interface ("the read only flag
+  // is not supported"), and PyTorch is the main CUDA engine. `writeable` tells engines what to touch.
+  d["data"] = py::make_tuple(a.ptr, false);
   d["version"] = 3;
   d["strides"] = py::none();  // C-contiguous
   // CAI v3: 0 is not allowed; our slot streams are created streams, never the legacy default.
@@ -160,6 +162,7 @@ void bind_engine(py::module_& m) {
       .def_readonly("ptr", &CudaArray::ptr)
       .def_property_readonly("shape", [](const CudaArray& a) { return py::tuple(py::cast(a.shape)); })
       .def_property_readonly("dtype", [](const CudaArray& a) { return dtype_name(a.dtype); })
+      .def_property_readonly("writeable", [](const CudaArray& a) { return !a.readonly; })
       .def_readonly("stream", &CudaArray::stream)
       .def_readonly("device", &CudaArray::device);
 

@@ -14,7 +14,8 @@ HostBuffer::HostBuffer(size_t bytes, HostMemoryKind kind) : kind_(kind) {
   if (kind == HostMemoryKind::kPinned) {
 #if NVCLIP_WITH_CUDA
     void* p = nullptr;
-    NVCLIP_CUDA_CHECK(cudaHostAlloc(&p, rounded, cudaHostAllocDefault));
+    // Portable: pinned for every device's context, not only the one current here (cuda:N engines).
+    NVCLIP_CUDA_CHECK(cudaHostAlloc(&p, rounded, cudaHostAllocPortable));
     data_ = static_cast<uint8_t*>(p);
 #else
     throw EngineError("pinned host memory needs a CUDA build of nvclip_fast");

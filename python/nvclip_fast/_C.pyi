@@ -65,6 +65,10 @@ class CudaArray:
     @property
     def dtype(self) -> DType: ...
     @property
+    def writeable(self) -> bool:
+        """False for engine inputs. (The interface itself always says writable: PyTorch rejects
+        read-only ones.)"""
+    @property
     def stream(self) -> int: ...
     @property
     def device(self) -> int: ...
