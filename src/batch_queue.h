@@ -119,7 +119,12 @@ struct BatchQueueOptions {
   int64_t max_batch = 0;  // images per batch; 0 = the engine's optimal batch (profile opt)
   std::chrono::microseconds max_delay = kDefaultMaxDelay;  // how long a batch waits to fill
   int32_t streams = kDefaultStreams;  // stream slots = batches in flight = worker threads
-  size_t staging_bytes = kDefaultStagingBytes;  // host staging ring; CUDA: also device staging in total
+  // Host staging ring. CUDA engines also get staging_bytes / streams of device staging per slot, and
+  // a batch closes early rather than exceed that share: size it >= streams x max_batch x typical
+  // image bytes (plus room for the next batches to queue) so batches fill. An image larger than a
+  // slot's share runs alone with a temporary device buffer; one larger than the ring gets a
+  // temporary host buffer (one such image at a time).
+  size_t staging_bytes = kDefaultStagingBytes;
   std::string output;  // engine output to return; "" = the engine's only output
   CompletionScope completion_scope;
 };
