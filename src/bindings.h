@@ -7,5 +7,7 @@ namespace nvclip {
 
 void bind_errors(pybind11::module_& m);
 void bind_build_info(pybind11::module_& m);
+void bind_engine(pybind11::module_& m);       // TensorSpec, EngineInfo, Engine (+ trampoline), TrtEngine
+void bind_batch_queue(pybind11::module_& m);  // PreprocessStage, Request, BatchQueue
 
 }  // namespace nvclip

@@ -5,4 +5,6 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "nvclip_fast native core (private; use the nvclip_fast package)";
   nvclip::bind_errors(m);
   nvclip::bind_build_info(m);
+  nvclip::bind_engine(m);
+  nvclip::bind_batch_queue(m);
 }

@@ -1,6 +1,11 @@
 """Type stub of the private extension module nvclip_fast._C."""
 
-from typing import Any
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
 
 class EngineError(RuntimeError): ...
 
@@ -8,3 +13,186 @@ def build_info() -> dict[str, Any]: ...
 def cuda_device_count() -> int: ...
 def cuda_unavailable_reason() -> str: ...
 def tensorrt_library(path: str = "") -> tuple[str, int]: ...
+
+# --- engines -----------------------------------------------------------------------------------
+
+DType = Literal["float32", "float16", "bfloat16", "int8", "uint8", "int32", "int64", "bool"]
+
+class TensorSpec:
+    """An engine tensor; shape[0] == -1 is a dynamic batch. Other dimensions are fixed."""
+
+    def __init__(self, name: str, dtype: DType, shape: Sequence[int]) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> DType: ...
+    @property
+    def shape(self) -> list[int]: ...
+    @property
+    def row_bytes(self) -> int: ...
+
+class EngineInfo:
+    """Raises ValueError when inconsistent (names, fixed dimensions, 1 <= min <= opt <= max)."""
+
+    def __init__(
+        self,
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        batch: tuple[int, int, int],
+        device: Literal["cpu", "cuda"] = "cpu",
+        device_index: int = 0,
+    ) -> None: ...
+    @property
+    def inputs(self) -> list[TensorSpec]: ...
+    @property
+    def outputs(self) -> list[TensorSpec]: ...
+    @property
+    def batch(self) -> tuple[int, int, int]: ...
+    @property
+    def device(self) -> Literal["cpu", "cuda"]: ...
+    @property
+    def device_index(self) -> int: ...
+
+class CudaArray:
+    """A device buffer of the queue (engine input or output), valid during one enqueue() call."""
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]: ...
+    @property
+    def ptr(self) -> int: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def dtype(self) -> DType: ...
+    @property
+    def writeable(self) -> bool:
+        """False for engine inputs. (The interface itself always says writable: PyTorch rejects
+        read-only ones.)"""
+    @property
+    def stream(self) -> int: ...
+    @property
+    def device(self) -> int: ...
+
+class Engine:
+    """Subclass in Python and implement enqueue() to run inside a BatchQueue.
+
+    enqueue is called once per batch from a queue thread holding the GIL for that call only.
+    inputs/outputs map tensor names to numpy views (CPU engines; inputs read-only) or CudaArray
+    objects (CUDA engines) with `batch` rows, valid during the call only. `stream` is the slot's
+    cudaStream_t as an int (0 for CPU engines): order the work after it and leave it complete or
+    enqueued on it. Raising fails the batch's requests with EngineError.
+    """
+
+    def __init__(self, info: EngineInfo) -> None: ...
+    @property
+    def info(self) -> EngineInfo: ...
+    def enqueue(
+        self,
+        batch: int,
+        inputs: dict[str, npt.NDArray[Any] | CudaArray],
+        outputs: dict[str, npt.NDArray[Any] | CudaArray],
+        stream: int,
+    ) -> None: ...
+
+class TrtEngine(Engine):
+    """A TensorRT plan run natively. Raises EngineError (file, CUDA device, library, TensorRT's
+    own errors); in a build without TensorRT headers the constructor always raises EngineError."""
+
+    def __init__(self, path: str | os.PathLike[str], device: int = 0, library: str = "") -> None: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def library_path(self) -> str: ...
+    @property
+    def library_version(self) -> int: ...
+    def warnings(self) -> list[str]: ...
+
+# --- batch queue -------------------------------------------------------------------------------
+
+class PreprocessStage:
+    """The queue's preprocessing step (uint8 images -> the engine's input tensor)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def device(self) -> Literal["cpu", "cuda"]: ...
+
+class NearestResizeStage(PreprocessStage):
+    """Test stand-in: nearest-neighbour squash to size x size, x / 255. Not open_clip's transform.
+    An image whose first byte equals fail_marker fails as an item (CPU only; -1: never)."""
+
+    def __init__(self, size: int, device: Literal["cpu", "cuda"] = "cpu", fail_marker: int = -1) -> None: ...
+
+class Request:
+    """The rows of one submit() call."""
+
+    @property
+    def id(self) -> int: ...
+    def __len__(self) -> int: ...
+    def done(self) -> bool: ...
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait without the GIL; False on timeout. Raises EngineError inside a completion callback
+        while unresolved (it would wait for itself)."""
+    @property
+    def status(self) -> Literal["pending", "ok", "failed", "cancelled"]: ...
+    @property
+    def error(self) -> str: ...
+    @property
+    def item_errors(self) -> list[str]:
+        """Per image: "" or why that image failed (its row is NaN; the other rows are valid).
+        EngineError while pending (as for failed_items)."""
+    @property
+    def failed_items(self) -> int: ...
+    def rows(self) -> npt.NDArray[Any]:
+        """(n, *output_shape[1:]) in the output's dtype once done, whatever the status (failed rows
+        NaN); EngineError while pending. The array keeps the request alive."""
+    def result(self, timeout: float | None = None) -> npt.NDArray[Any]:
+        """Wait, then rows(); EngineError if the request failed or was cancelled, TimeoutError."""
+
+class BatchQueue:
+    """Dynamic batching of any number of callers' images onto one engine (see batch_queue.h)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        stage: PreprocessStage,
+        *,
+        max_batch: int = 0,
+        max_delay_ms: float = 2.0,
+        streams: int = 2,
+        staging_bytes: int = 268435456,
+        output: str = "",
+    ) -> None: ...
+    def submit(
+        self,
+        images: Sequence[npt.NDArray[np.uint8]],
+        callback: Callable[[Request], None] | None = None,
+    ) -> Request:
+        """Queue uint8 HWC RGB / HW gray images; returns at once after copying them into staging
+        (blocks without the GIL while the ring is full). callback runs once, on the completion
+        thread, with the GIL. TypeError/ValueError name a malformed image's index (nothing queued);
+        EngineError after close()."""
+    def close(self, cancel: bool = False) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def device(self) -> Literal["cpu", "cuda"]: ...
+    @property
+    def max_batch(self) -> int: ...
+    @property
+    def streams(self) -> int: ...
+    @property
+    def max_delay_ms(self) -> float: ...
+    @property
+    def staging_bytes(self) -> int: ...
+    @property
+    def input(self) -> TensorSpec: ...
+    @property
+    def output(self) -> TensorSpec: ...
+    def stats(self) -> dict[str, int]: ...
+    def __enter__(self) -> BatchQueue: ...
+    def __exit__(self, *args: object) -> None: ...
+
+def _close_all_queues() -> None: ...

@@ -1,0 +1,246 @@
+#include "trt_engine.h"
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <optional>
+#include <sstream>
+
+#include "cuda_util.h"
+#include "errors.h"
+#include "trt_library.h"
+
+namespace nvclip {
+
+namespace {
+
+// TensorRT's data types that have a TensorDType; the rest (FP8, INT4, FP4, E8M0) cannot be engine
+// I/O for this runtime.
+std::optional<TensorDType> from_trt(nvinfer1::DataType type) {
+  switch (type) {
+    case nvinfer1::DataType::kFLOAT: return TensorDType::kFloat32;
+    case nvinfer1::DataType::kHALF: return TensorDType::kFloat16;
+    case nvinfer1::DataType::kBF16: return TensorDType::kBFloat16;
+    case nvinfer1::DataType::kINT8: return TensorDType::kInt8;
+    case nvinfer1::DataType::kUINT8: return TensorDType::kUInt8;
+    case nvinfer1::DataType::kINT32: return TensorDType::kInt32;
+    case nvinfer1::DataType::kINT64: return TensorDType::kInt64;
+    case nvinfer1::DataType::kBOOL: return TensorDType::kBool;
+    default: return std::nullopt;
+  }
+}
+
+std::vector<int64_t> to_shape(const nvinfer1::Dims& dims) {
+  if (dims.nbDims < 0) return {};
+  return std::vector<int64_t>(dims.d, dims.d + dims.nbDims);
+}
+
+std::string dims_string(const nvinfer1::Dims& dims) {
+  std::ostringstream out;
+  out << "[";
+  for (int32_t i = 0; i < dims.nbDims; ++i) out << (i ? ", " : "") << dims.d[i];
+  out << "]";
+  return out.str();
+}
+
+std::vector<char> read_file(const std::string& path) {
+  std::ifstream file(path, std::ios::binary | std::ios::ate);
+  if (!file) {
+    throw EngineError("cannot read TensorRT plan '" + path + "': " + std::strerror(errno));
+  }
+  const std::streamsize size = file.tellg();
+  if (size <= 0) throw EngineError("TensorRT plan '" + path + "' is empty");
+  std::vector<char> blob(static_cast<size_t>(size));
+  file.seekg(0);
+  if (!file.read(blob.data(), size)) throw EngineError("cannot read TensorRT plan '" + path + "': read failed");
+  return blob;
+}
+
+// Makes `device` current for TensorRT calls that allocate (deserialization, contexts) and restores
+// the caller's device afterwards.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int32_t device) {
+    NVCLIP_CUDA_CHECK(cudaGetDevice(&previous_));
+    NVCLIP_CUDA_CHECK(cudaSetDevice(device));
+  }
+  ~DeviceScope() { cudaSetDevice(previous_); }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// TrtLogger
+
+void TrtLogger::log(Severity severity, const char* msg) noexcept {
+  try {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (severity == Severity::kINTERNAL_ERROR || severity == Severity::kERROR) {
+      errors_.emplace_back(msg != nullptr ? msg : "(null message)");
+    } else if (severity == Severity::kWARNING) {
+      warnings_.emplace_back(msg != nullptr ? msg : "(null message)");
+      if (warnings_.size() > kMaxWarnings) warnings_.pop_front();
+    }
+    // kINFO / kVERBOSE: TensorRT's progress chatter, not needed to explain a failure.
+  } catch (...) {
+    // log() is noexcept: out of memory while recording a message must not unwind into TensorRT.
+  }
+}
+
+std::string TrtLogger::take_errors() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::string joined;
+  for (const auto& e : errors_) joined += (joined.empty() ? "" : "; ") + e;
+  errors_.clear();
+  return joined;
+}
+
+std::vector<std::string> TrtLogger::warnings() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return {warnings_.begin(), warnings_.end()};
+}
+
+// ------------------------------------------------------------------------------------------------
+// TrtEngine
+
+void TrtEngine::fail(const std::string& what) {
+  const std::string logged = logger_->take_errors();
+  throw EngineError("TensorRT plan '" + path_ + "': " + what +
+                    (logged.empty() ? std::string() : " (TensorRT: " + logged + ")"));
+}
+
+TrtEngine::TrtEngine(const std::string& plan_path, const TrtEngineOptions& options)
+    : path_(plan_path), logger_(std::make_unique<TrtLogger>()) {
+  const std::vector<char> blob = read_file(plan_path);
+  if (options.device < 0 || cuda_device_count() <= options.device) {
+    throw EngineError("cannot run TensorRT plan '" + plan_path + "' on cuda:" + std::to_string(options.device) +
+                      ": " + (cuda_device_count() == 0 ? cuda_unavailable_reason()
+                                                       : "only " + std::to_string(cuda_device_count()) +
+                                                             " CUDA device(s)"));
+  }
+  const TrtLibrary& library = TrtLibrary::load(options.library);
+  library_path_ = library.path();
+  library_version_ = library.version();
+  DeviceScope device(options.device);
+
+  nvinfer1::IRuntime* runtime = library.create_runtime(*logger_);
+  const std::string runtime_errors = logger_->take_errors();
+  if (runtime == nullptr || !runtime_errors.empty()) {
+    // Deliberately not deleted: with a broken CUDA setup TensorRT returns a non-null pointer that is
+    // not an object (REFERENCE.md §4.4); leaking one handle beats crashing the process.
+    throw EngineError("TensorRT (" + library_path_ + ") could not create a runtime for '" + path_ + "'" +
+                      (runtime_errors.empty() ? std::string() : ": " + runtime_errors));
+  }
+  runtime_.reset(runtime);
+  engine_.reset(runtime_->deserializeCudaEngine(blob.data(), blob.size()));
+  if (!engine_) {
+    fail("deserialization failed (a plan only loads with the TensorRT version and GPU it was built for, "
+         "unless built version- or hardware-compatible)");
+  }
+
+  EngineInfo info;
+  info.device = DeviceKind::kCuda;
+  info.device_index = options.device;
+  const char* dynamic_input = nullptr;
+  const int32_t count = engine_->getNbIOTensors();
+  for (int32_t i = 0; i < count; ++i) {
+    const char* name = engine_->getIOTensorName(i);
+    const nvinfer1::TensorIOMode mode = engine_->getTensorIOMode(name);
+    const nvinfer1::Dims dims = engine_->getTensorShape(name);
+    const std::string where = "tensor '" + std::string(name) + "' " + dims_string(dims);
+    const std::optional<TensorDType> dtype = from_trt(engine_->getTensorDataType(name));
+    if (!dtype) {
+      fail(where + " has data type " + std::to_string(static_cast<int32_t>(engine_->getTensorDataType(name))) +
+           ", which this runtime cannot pass (expected float32/float16/bfloat16/int8/uint8/int32/int64/bool)");
+    }
+    if (engine_->getTensorLocation(name) != nvinfer1::TensorLocation::kDEVICE) {
+      fail(where + " lives in host memory (a shape tensor?); only device tensors are supported");
+    }
+    if (engine_->getTensorFormat(name) != nvinfer1::TensorFormat::kLINEAR) {
+      fail(where + " has a vectorized memory format; build the plan with linear I/O formats");
+    }
+    if (dims.nbDims < 1) fail(where + " has no batch dimension");
+    for (int32_t d = 1; d < dims.nbDims; ++d) {
+      if (dims.d[d] < 0) fail(where + ": only the batch dimension (0) may be dynamic");
+    }
+    TensorSpec spec{name, *dtype, to_shape(dims)};
+    if (mode == nvinfer1::TensorIOMode::kINPUT) {
+      info.inputs.push_back(spec);
+      if (dims.d[0] < 0) dynamic_input = name;
+      input_dims_ = dims;
+    } else if (mode == nvinfer1::TensorIOMode::kOUTPUT) {
+      info.outputs.push_back(spec);
+    }
+  }
+  if (info.inputs.size() != 1) {
+    fail("has " + std::to_string(info.inputs.size()) + " inputs; this runtime feeds exactly one (the images)");
+  }
+  if (dynamic_input != nullptr) {
+    // Profile 0: every execution context starts on it, and the exporter builds one profile.
+    const auto select = [&](nvinfer1::OptProfileSelector s) {
+      return engine_->getProfileShape(dynamic_input, 0, s).d[0];
+    };
+    info.batch = {select(nvinfer1::OptProfileSelector::kMIN), select(nvinfer1::OptProfileSelector::kOPT),
+                  select(nvinfer1::OptProfileSelector::kMAX)};
+  } else {
+    const int64_t fixed = input_dims_.d[0];
+    info.batch = {fixed, fixed, fixed};
+  }
+  try {
+    set_info(std::move(info));
+  } catch (const std::exception& e) {
+    fail(std::string("unsupported I/O: ") + e.what());
+  }
+}
+
+TrtEngine::~TrtEngine() {
+  if (!contexts_.empty() || engine_) {
+    // TensorRT frees device memory on the engine's device.
+    try {
+      DeviceScope device(info().device_index);
+      contexts_.clear();
+      engine_.reset();
+    } catch (...) {
+      contexts_.clear();
+      engine_.reset();
+    }
+  }
+}
+
+void TrtEngine::prepare_slots(int32_t slots) {
+  DeviceScope device(info().device_index);
+  while (static_cast<int32_t>(contexts_.size()) < slots) {
+    std::unique_ptr<nvinfer1::IExecutionContext> context(engine_->createExecutionContext());
+    if (!context) fail("createExecutionContext failed for stream slot " + std::to_string(contexts_.size()));
+    contexts_.push_back(std::move(context));
+  }
+}
+
+void TrtEngine::enqueue(const EngineCall& call) {
+  if (call.slot < 0 || static_cast<size_t>(call.slot) >= contexts_.size()) {
+    throw EngineError("TrtEngine::enqueue: slot " + std::to_string(call.slot) + " has no execution context (" +
+                      std::to_string(contexts_.size()) + " prepared)");
+  }
+  nvinfer1::IExecutionContext& context = *contexts_[static_cast<size_t>(call.slot)];
+  const EngineInfo& io = info();
+  nvinfer1::Dims dims = input_dims_;
+  dims.d[0] = call.batch;
+  const char* input = io.inputs[0].name.c_str();
+  if (!context.setInputShape(input, dims)) fail("setInputShape('" + io.inputs[0].name + "', " + dims_string(dims) + ") failed");
+  if (!context.setInputTensorAddress(input, call.inputs[0])) fail("setInputTensorAddress('" + io.inputs[0].name + "') failed");
+  for (size_t i = 0; i < io.outputs.size(); ++i) {
+    if (!context.setTensorAddress(io.outputs[i].name.c_str(), call.outputs[i])) {
+      fail("setTensorAddress('" + io.outputs[i].name + "') failed");
+    }
+  }
+  if (!context.enqueueV3(static_cast<cudaStream_t>(call.stream))) {
+    fail("enqueueV3 failed (batch " + std::to_string(call.batch) + ", slot " + std::to_string(call.slot) + ")");
+  }
+}
+
+}  // namespace nvclip

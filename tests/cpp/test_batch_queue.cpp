@@ -1,0 +1,601 @@
+// BatchQueue on the CPU with a deterministic engine (test_support.h): ordering, batch formation,
+// concurrency, backpressure, failures, close, oversized images.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <map>
+#include <random>
+#include <set>
+#include <stdexcept>
+#include <thread>
+
+#include "batch_queue.h"
+#include "cuda_util.h"
+#include "errors.h"
+#include "harness.h"
+#include "nearest_resize_stage.h"
+#include "test_support.h"
+
+using namespace nvclip;
+using namespace nvtest;
+using std::chrono::milliseconds;
+
+namespace {
+
+constexpr int32_t kSize = 8;  // preprocess output S: small, the tests are about routing
+constexpr auto kWaitLimit = std::chrono::seconds(60);  // "never hangs": far above any real wait
+
+struct Fixture {
+  std::shared_ptr<ChannelMeanEngine> engine;
+  std::shared_ptr<NearestResizeStage> stage;
+  std::unique_ptr<BatchQueue> queue;
+
+  explicit Fixture(BatchQueueOptions options, BatchProfile profile = {1, 8, 64}, int32_t fail_marker = kNoFailMarker,
+                   int64_t batch_dim = -1)
+      : engine(std::make_shared<ChannelMeanEngine>(kSize, profile, batch_dim)),
+        stage(std::make_shared<NearestResizeStage>(kSize, DeviceKind::kCpu, fail_marker)),
+        queue(std::make_unique<BatchQueue>(engine, stage, std::move(options))) {}
+};
+
+BatchQueueOptions options(int64_t max_batch, milliseconds delay = milliseconds(1), int32_t streams = 2,
+                          size_t staging = size_t{1} << 20) {
+  BatchQueueOptions o;
+  o.max_batch = max_batch;
+  o.max_delay = delay;
+  o.streams = streams;
+  o.staging_bytes = staging;
+  return o;
+}
+
+void wait_resolved(const Request& r) { CHECK_MSG(r.wait_for(kWaitLimit), "request " << r.id() << " never resolved"); }
+
+std::vector<ImageView> views_of(const std::vector<Image>& images) {
+  std::vector<ImageView> views;
+  for (const auto& image : images) views.push_back(image.view);
+  return views;
+}
+
+}  // namespace
+
+TEST(single_request_rows_in_order) {
+  Fixture f(options(16));
+  std::vector<Image> images;
+  for (int i = 0; i < 10; ++i) images.push_back(uniform_image(5 + i, 13 - i, uint8_t(i), uint8_t(100 + i), uint8_t(200 - i)));
+  const auto views = views_of(images);
+  auto r = f.queue->submit(views.data(), 10);
+  wait_resolved(*r);
+  CHECK_EQ(std::string(request_status_name(r->status())), std::string("ok"));
+  CHECK_EQ(r->size(), int64_t{10});
+  CHECK_EQ(r->row_bytes(), size_t{kOutDim * sizeof(float)});
+  for (int i = 0; i < 10; ++i) CHECK_MSG(row_is(*r, i, i, 100 + i, 200 - i), "row " << i);
+  CHECK_EQ(r->failed_items(), int64_t{0});
+  CHECK(r->error().empty());
+}
+
+TEST(gray_and_padded_rows) {
+  Fixture f(options(8));
+  std::vector<Image> images;
+  images.push_back(gray_image(7, 3, 42));
+  images.push_back(uniform_image(4, 6, 1, 2, 3, /*row_padding=*/5));  // row_stride > width * 3
+  const auto views = views_of(images);
+  auto r = f.queue->submit(views.data(), 2);
+  wait_resolved(*r);
+  CHECK(r->status() == RequestStatus::kOk);
+  CHECK(row_is(*r, 0, 42, 42, 42));
+  CHECK(row_is(*r, 1, 1, 2, 3));
+}
+
+TEST(zero_images_resolve_at_once) {
+  Fixture f(options(8));
+  std::atomic<int> callbacks{0};
+  auto r = f.queue->submit(nullptr, 0, [&](const std::shared_ptr<Request>&) { ++callbacks; });
+  wait_resolved(*r);
+  CHECK(r->status() == RequestStatus::kOk);
+  CHECK_EQ(r->size(), int64_t{0});
+  f.queue->close();
+  CHECK_EQ(callbacks.load(), 1);
+  CHECK(f.engine->calls().empty());
+}
+
+TEST(max_batch_plus_one_runs_two_batches) {
+  // One slot and a long delay: the first batch closes because it is full, the remainder by delay.
+  Fixture f(options(4, milliseconds(200), 1));
+  std::vector<Image> images;
+  for (int i = 0; i < 5; ++i) images.push_back(uniform_image(3, 3, uint8_t(i), 0, 0));
+  const auto views = views_of(images);
+  auto r = f.queue->submit(views.data(), 5);
+  wait_resolved(*r);
+  CHECK(r->status() == RequestStatus::kOk);
+  CHECK((f.engine->calls() == std::vector<int64_t>{4, 1}));
+  for (int i = 0; i < 5; ++i) {
+    CHECK(row_is(*r, i, i, 0, 0));
+    CHECK_EQ(row_of(*r, i)[kBatchColumn], i < 4 ? 4.0f : 1.0f);
+  }
+  const BatchQueueStats s = f.queue->stats();
+  CHECK_EQ(s.batches, uint64_t{2});
+  CHECK_EQ(s.images, uint64_t{5});
+  CHECK_EQ(s.largest_batch, int64_t{4});
+}
+
+TEST(batch_forms_by_delay) {
+  // Three single-image requests submitted back to back ride one batch, sent max_delay after the first.
+  const auto delay = milliseconds(150);
+  Fixture f(options(64, delay, 1));
+  std::vector<Image> images;
+  for (int i = 0; i < 3; ++i) images.push_back(uniform_image(2, 2, uint8_t(10 + i), 0, 0));
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<std::shared_ptr<Request>> requests;
+  for (const auto& image : images) requests.push_back(f.queue->submit(&image.view, 1));
+  for (auto& r : requests) wait_resolved(*r);
+  const double elapsed = seconds_since(start);
+  CHECK((f.engine->calls() == std::vector<int64_t>{3}));
+  for (int i = 0; i < 3; ++i) CHECK(row_is(*requests[i], 0, 10 + i, 0, 0));
+  CHECK_MSG(elapsed >= 0.9 * std::chrono::duration<double>(delay).count(), "dispatched after " << elapsed << " s");
+}
+
+TEST(results_are_not_readable_while_pending) {
+  Fixture f(options(64, milliseconds(30000), 1));
+  Image image = uniform_image(2, 2, 1, 2, 3);
+  auto r = f.queue->submit(&image.view, 1);  // waits for max_delay (30 s) or close
+  CHECK(!r->done());
+  CHECK(r->status() == RequestStatus::kPending);
+  CHECK(!r->wait_for(milliseconds(10)));
+  CHECK_THROWS(r->rows(), EngineError, "read before it was done");
+  CHECK_THROWS(r->item_errors(), EngineError, "read before it was done");
+  f.queue->close(CloseMode::kDrain);  // drain runs it at once
+  CHECK(r->done());
+  CHECK(row_is(*r, 0, 1, 2, 3));
+}
+
+TEST(full_batch_does_not_wait_for_the_delay) {
+  Fixture f(options(4, milliseconds(30000), 1));
+  std::vector<Image> images;
+  for (int i = 0; i < 4; ++i) images.push_back(uniform_image(2, 2, uint8_t(i), 0, 0));
+  const auto views = views_of(images);
+  const auto start = std::chrono::steady_clock::now();
+  auto r = f.queue->submit(views.data(), 4);
+  wait_resolved(*r);
+  CHECK_MSG(seconds_since(start) < 10.0, "a full batch waited for max_delay");
+  CHECK((f.engine->calls() == std::vector<int64_t>{4}));
+}
+
+TEST(many_concurrent_submitters_each_get_their_rows) {
+  // 16 threads x 25 requests of 1..8 random-size images; a row's colour names (thread, call, index).
+  constexpr int kThreads = 16, kCalls = 25, kMaxImages = 8;
+  Fixture f(options(16, milliseconds(1), 3, size_t{64} << 10));  // a small ring: backpressure too
+  std::atomic<int> bad{0};
+  std::atomic<int64_t> submitted{0};
+  std::atomic<int> callbacks{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(1000 + t);
+      for (int c = 0; c < kCalls; ++c) {
+        const int n = 1 + static_cast<int>(rng() % kMaxImages);
+        std::vector<Image> images;
+        for (int j = 0; j < n; ++j) {
+          images.push_back(uniform_image(1 + int(rng() % 40), 1 + int(rng() % 40), uint8_t(t), uint8_t(c), uint8_t(j)));
+        }
+        const auto views = views_of(images);
+        auto r = f.queue->submit(views.data(), n, [&](const std::shared_ptr<Request>&) { ++callbacks; });
+        submitted += n;
+        if (!r->wait_for(kWaitLimit) || r->status() != RequestStatus::kOk || r->size() != n) {
+          ++bad;
+          continue;
+        }
+        for (int j = 0; j < n; ++j) {
+          if (!row_is(*r, j, t, c, j)) ++bad;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  f.queue->close();
+  CHECK_EQ(bad.load(), 0);
+  CHECK_EQ(callbacks.load(), kThreads * kCalls);
+  const BatchQueueStats s = f.queue->stats();
+  CHECK_EQ(s.images, static_cast<uint64_t>(submitted.load()));
+  CHECK_EQ(s.requests, static_cast<uint64_t>(kThreads * kCalls));
+  CHECK(s.largest_batch <= 16);
+  CHECK_EQ(s.failed_batches, uint64_t{0});
+}
+
+TEST(backpressure_blocks_submit_until_batches_finish) {
+  // Each 16x16 RGB image takes 768 bytes of staging (a multiple of the 256-byte alignment): a
+  // 3840-byte ring holds 5. Submitting 50 must wait for at least (50 - 5) / 5 = 9 batches.
+  constexpr int kImages = 50;
+  constexpr size_t kRing = 5 * 768;
+  Fixture f(options(5, milliseconds(0), 2, kRing));
+  f.engine->set_hook([](const EngineCall&, const float*) { std::this_thread::sleep_for(milliseconds(2)); });
+  std::vector<Image> images;
+  for (int i = 0; i < kImages; ++i) images.push_back(uniform_image(16, 16, uint8_t(i), 7, 9));
+  const auto views = views_of(images);
+  auto r = f.queue->submit(views.data(), kImages);
+  const size_t calls_when_submit_returned = f.engine->calls().size();
+  wait_resolved(*r);
+  CHECK_MSG(calls_when_submit_returned >= 9, "submit returned after only " << calls_when_submit_returned << " batches");
+  CHECK(r->status() == RequestStatus::kOk);
+  for (int i = 0; i < kImages; ++i) CHECK(row_is(*r, i, i, 7, 9));
+  CHECK(f.queue->stats().largest_batch <= 5);
+}
+
+TEST(engine_failure_fails_exactly_the_requests_in_that_batch) {
+  // The engine throws on any batch holding a poisoned image (red 255). Requests come from many
+  // threads, so batches mix requests; every request in a failed batch must fail, every other succeed.
+  constexpr int kThreads = 8, kCalls = 20;
+  Fixture f(options(6, milliseconds(1), 2));
+  std::mutex failed_mutex;
+  std::set<std::pair<int, int>> in_failed_batch;  // (thread, call) of every image in a failed batch
+  f.engine->set_hook([&](const EngineCall& call, const float* rows) {
+    bool poisoned = false;
+    for (int64_t i = 0; i < call.batch; ++i) poisoned = poisoned || std::lround(rows[i * kOutDim]) == kPoison;
+    if (!poisoned) return;
+    std::lock_guard<std::mutex> lock(failed_mutex);
+    for (int64_t i = 0; i < call.batch; ++i) {
+      // Poisoned images carry the thread in blue instead of red.
+      const bool p = std::lround(rows[i * kOutDim]) == kPoison;
+      in_failed_batch.insert({int(std::lround(rows[i * kOutDim + (p ? 2 : 0)])), int(std::lround(rows[i * kOutDim + 1]))});
+    }
+    throw EngineError("poisoned batch");
+  });
+  struct Outcome {
+    int t, c;
+    bool poisoned;
+    std::shared_ptr<Request> request;
+  };
+  std::mutex outcomes_mutex;
+  std::vector<Outcome> outcomes;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(77 + t);
+      for (int c = 0; c < kCalls; ++c) {
+        const bool poisoned = rng() % 5 == 0;
+        const int n = 1 + static_cast<int>(rng() % 3);
+        std::vector<Image> images;
+        for (int j = 0; j < n; ++j) {
+          const bool p = poisoned && j == 0;
+          images.push_back(uniform_image(3, 3, p ? kPoison : uint8_t(t), uint8_t(c), p ? uint8_t(t) : uint8_t(j)));
+        }
+        const auto views = views_of(images);
+        auto r = f.queue->submit(views.data(), n);
+        std::lock_guard<std::mutex> lock(outcomes_mutex);
+        outcomes.push_back({t, c, poisoned, r});
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (const auto& o : outcomes) wait_resolved(*o.request);  // every batch has run: the set is final
+  std::lock_guard<std::mutex> lock(failed_mutex);
+  int failed = 0;
+  for (const auto& o : outcomes) {
+    const bool should_fail = in_failed_batch.count({o.t, o.c}) > 0;
+    CHECK_MSG(!o.poisoned || should_fail, "poisoned request (" << o.t << ", " << o.c << ") ran in a good batch");
+    if (should_fail) {
+      ++failed;
+      CHECK_MSG(o.request->status() == RequestStatus::kFailed, "request (" << o.t << ", " << o.c << ") was in a failed batch");
+      CHECK_MSG(o.request->error().find("poisoned batch") != std::string::npos, o.request->error());
+      CHECK_MSG(o.request->error().find("engine failed") != std::string::npos, o.request->error());
+    } else {
+      CHECK_MSG(o.request->status() == RequestStatus::kOk, "request (" << o.t << ", " << o.c << ") failed: " << o.request->error());
+    }
+  }
+  CHECK(failed > 0);
+  CHECK(failed < static_cast<int>(outcomes.size()));
+  // The queue keeps serving after failures.
+  Image last = uniform_image(2, 2, 1, 2, 3);
+  auto r = f.queue->submit(&last.view, 1);
+  wait_resolved(*r);
+  CHECK(r->status() == RequestStatus::kOk && row_is(*r, 0, 1, 2, 3));
+  CHECK(f.queue->stats().failed_batches > 0);
+}
+
+TEST(stage_item_failure_fails_only_that_item) {
+  constexpr uint8_t kMarker = 254;
+  Fixture f(options(8), {1, 8, 64}, kMarker);
+  std::vector<Image> images;
+  images.push_back(uniform_image(4, 4, 10, 20, 30));
+  images.push_back(uniform_image(4, 4, kMarker, 0, 0));  // the stage fails this one
+  images.push_back(uniform_image(4, 4, 11, 21, 31));
+  const auto views = views_of(images);
+  auto r = f.queue->submit(views.data(), 3);
+  wait_resolved(*r);
+  CHECK(r->status() == RequestStatus::kOk);
+  CHECK_EQ(r->failed_items(), int64_t{1});
+  CHECK(r->item_errors()[0].empty() && r->item_errors()[2].empty());
+  CHECK(r->item_errors()[1].find("fail marker") != std::string::npos);
+  CHECK(row_is(*r, 0, 10, 20, 30));
+  CHECK(row_is(*r, 2, 11, 21, 31));
+  for (int k = 0; k < kOutDim; ++k) CHECK(std::isnan(row_of(*r, 1)[k]));  // no shift, NaN row
+}
+
+TEST(stage_exception_fails_the_batch) {
+  class ThrowingStage final : public PreprocessStage {
+   public:
+    DeviceKind device() const override { return DeviceKind::kCpu; }
+    int32_t size() const override { return kSize; }
+    std::string name() const override { return "ThrowingStage"; }
+    void run(const PreprocessBatch&) override { throw std::runtime_error("decoder exploded"); }
+  };
+  auto engine = std::make_shared<ChannelMeanEngine>(kSize);
+  BatchQueue queue(engine, std::make_shared<ThrowingStage>(), options(4));
+  Image image = uniform_image(2, 2, 1, 1, 1);
+  auto r = queue.submit(&image.view, 1);
+  wait_resolved(*r);
+  CHECK(r->status() == RequestStatus::kFailed);
+  CHECK_MSG(r->error().find("preprocess stage ThrowingStage failed: decoder exploded") != std::string::npos, r->error());
+  CHECK(engine->calls().empty());
+}
+
+TEST(close_drain_under_load_finishes_everything_accepted) {
+  Fixture f(options(8, milliseconds(1), 2, size_t{16} << 10));
+  f.engine->set_hook([](const EngineCall&, const float*) { std::this_thread::sleep_for(milliseconds(1)); });
+  std::atomic<bool> stop{false};
+  std::atomic<int> rejected{0}, wrong_error{0};
+  std::mutex mutex;
+  std::vector<std::shared_ptr<Request>> requests;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 6; ++t) {
+    threads.emplace_back([&, t] {
+      std::vector<Image> images;
+      for (int j = 0; j < 5; ++j) images.push_back(uniform_image(20, 20, uint8_t(t), uint8_t(j), 0));
+      const auto views = views_of(images);
+      while (!stop) {
+        try {
+          auto r = f.queue->submit(views.data(), 5);
+          std::lock_guard<std::mutex> lock(mutex);
+          requests.push_back(r);
+        } catch (const EngineError& e) {  // no CHECK here: a throw in a thread would terminate
+          ++(std::string(e.what()).find("closed") != std::string::npos ? rejected : wrong_error);
+          return;
+        }
+      }
+    });
+  }
+  std::this_thread::sleep_for(milliseconds(100));
+  f.queue->close(CloseMode::kDrain);
+  stop = true;
+  for (auto& th : threads) th.join();
+  CHECK_EQ(wrong_error.load(), 0);
+  CHECK(!requests.empty());
+  for (const auto& r : requests) {
+    CHECK_MSG(r->done(), "close() returned with request " << r->id() << " unresolved");
+    CHECK_MSG(r->status() == RequestStatus::kOk, r->error());
+  }
+  CHECK_EQ(f.queue->stats().images, static_cast<uint64_t>(5 * requests.size()));
+  CHECK_THROWS(f.queue->submit(nullptr, 0), EngineError, "closed");
+}
+
+TEST(close_cancel_under_load_resolves_every_request) {
+  Fixture f(options(4, milliseconds(1), 2, size_t{64} << 10));
+  f.engine->set_hook([](const EngineCall&, const float*) { std::this_thread::sleep_for(milliseconds(5)); });
+  std::mutex mutex;
+  std::vector<std::shared_ptr<Request>> requests;
+  std::vector<std::thread> threads;
+  std::atomic<int64_t> accepted_images{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      std::vector<Image> images;
+      for (int j = 0; j < 6; ++j) images.push_back(uniform_image(16, 16, uint8_t(t), uint8_t(j), 0));
+      const auto views = views_of(images);
+      for (int c = 0; c < 200; ++c) {
+        try {
+          auto r = f.queue->submit(views.data(), 6);
+          accepted_images += 6;
+          std::lock_guard<std::mutex> lock(mutex);
+          requests.push_back(r);
+        } catch (const EngineError&) {
+          return;  // closed
+        }
+      }
+    });
+  }
+  std::this_thread::sleep_for(milliseconds(60));
+  const auto start = std::chrono::steady_clock::now();
+  f.queue->close(CloseMode::kCancel);
+  const double close_seconds = seconds_since(start);
+  for (auto& th : threads) th.join();
+  int ok = 0, cancelled = 0;
+  for (const auto& r : requests) {
+    CHECK_MSG(r->done(), "request " << r->id() << " unresolved after close");
+    if (r->status() == RequestStatus::kOk) {
+      ++ok;
+      CHECK(r->failed_items() == 0);
+    } else {
+      CHECK_MSG(r->status() == RequestStatus::kCancelled, request_status_name(r->status()) << ": " << r->error());
+      CHECK_MSG(r->error().find("cancelled") != std::string::npos, r->error());
+      ++cancelled;
+    }
+  }
+  CHECK(ok > 0);
+  CHECK(cancelled > 0);
+  const BatchQueueStats s = f.queue->stats();
+  CHECK_EQ(s.images + s.cancelled_images, static_cast<uint64_t>(accepted_images.load()));
+  CHECK_MSG(close_seconds < 5.0, "cancel took " << close_seconds << " s");
+}
+
+TEST(submit_and_close_edge_cases) {
+  Fixture f(options(4));
+  Image ok = uniform_image(2, 2, 1, 1, 1);
+  ImageView bad = ok.view;
+  bad.channels = 4;
+  const ImageView two[] = {ok.view, bad};
+  CHECK_THROWS(f.queue->submit(two, 2), std::invalid_argument, "image 1: expected 1 (gray) or 3 (RGB) channels, got 4");
+  bad = ok.view;
+  bad.row_stride = 2;
+  CHECK_THROWS(f.queue->submit(&bad, 1), std::invalid_argument, "row_stride 2 is smaller than width * channels = 6");
+  bad = ok.view;
+  bad.width = 0;
+  CHECK_THROWS(f.queue->submit(&bad, 1), std::invalid_argument, "got 2x0");
+  bad = ok.view;
+  bad.data = nullptr;
+  CHECK_THROWS(f.queue->submit(&bad, 1), std::invalid_argument, "null data");
+  CHECK(f.engine->calls().empty());  // nothing was queued by the rejected calls
+  f.queue->close();
+  f.queue->close();  // idempotent
+  f.queue->close(CloseMode::kCancel);
+  CHECK(f.queue->closed());
+  CHECK_THROWS(f.queue->submit(&ok.view, 1), EngineError, "closed");
+}
+
+TEST(oversized_image_is_staged_on_its_own) {
+  // 64x64 RGB = 12 KiB, three times the 4 KiB ring; small images keep flowing around it.
+  Fixture f(options(8, milliseconds(1), 2, 4096));
+  Image big = uniform_image(64, 64, 9, 8, 7);
+  std::vector<Image> images;
+  images.push_back(uniform_image(4, 4, 1, 2, 3));
+  images.push_back(big);
+  images.back().view.data = images.back().pixels.data();
+  images.push_back(uniform_image(4, 4, 4, 5, 6));
+  const auto views = views_of(images);
+  std::vector<std::shared_ptr<Request>> requests;
+  for (int k = 0; k < 3; ++k) requests.push_back(f.queue->submit(views.data(), 3));
+  for (auto& r : requests) {
+    wait_resolved(*r);
+    CHECK_MSG(r->status() == RequestStatus::kOk, r->error());
+    CHECK(row_is(*r, 0, 1, 2, 3));
+    CHECK(row_is(*r, 1, 9, 8, 7));
+    CHECK(row_is(*r, 2, 4, 5, 6));
+  }
+  CHECK_EQ(f.queue->stats().oversized_images, uint64_t{3});
+}
+
+TEST(callbacks_run_once_on_the_completion_thread) {
+  Fixture f(options(4));
+  Image image = uniform_image(2, 2, 3, 3, 3);
+  std::atomic<int> calls{0};
+  std::atomic<bool> saw_done{false};
+  std::atomic<bool> wait_refused{false};
+  std::atomic<bool> close_refused{false};
+  std::thread::id callback_thread;
+  std::mutex mutex;
+  auto r = f.queue->submit(&image.view, 1, [&](const std::shared_ptr<Request>& self) {
+    ++calls;
+    saw_done = self->done() && self->status() == RequestStatus::kOk;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      callback_thread = std::this_thread::get_id();
+    }
+    try {
+      f.queue->close();
+    } catch (const EngineError& e) {
+      close_refused = std::string(e.what()).find("own thread") != std::string::npos;
+    }
+    try {
+      Request pending(0, 1, f.queue->output(), nullptr);  // never resolved: a wait would hang
+      pending.wait();
+    } catch (const EngineError& e) {
+      wait_refused = std::string(e.what()).find("completion callback") != std::string::npos;
+    }
+  });
+  wait_resolved(*r);
+  f.queue->close();  // waits for the callback
+  CHECK_EQ(calls.load(), 1);
+  CHECK(saw_done.load());
+  CHECK(close_refused.load());
+  CHECK(wait_refused.load());
+  std::lock_guard<std::mutex> lock(mutex);
+  CHECK(callback_thread != std::this_thread::get_id());
+  CHECK_EQ(f.queue->stats().callback_failures, uint64_t{0});
+}
+
+TEST(throwing_callback_is_counted_and_the_queue_goes_on) {
+  Fixture f(options(4));
+  Image image = uniform_image(2, 2, 3, 3, 3);
+  auto r1 = f.queue->submit(&image.view, 1, [](const std::shared_ptr<Request>&) { throw std::runtime_error("oops"); });
+  wait_resolved(*r1);
+  auto r2 = f.queue->submit(&image.view, 1);
+  wait_resolved(*r2);
+  CHECK(r2->status() == RequestStatus::kOk);
+  f.queue->close();
+  CHECK_EQ(f.queue->stats().callback_failures, uint64_t{1});
+}
+
+TEST(min_batch_profile_pads_engine_calls) {
+  Fixture f(options(8), BatchProfile{4, 8, 8});
+  Image image = uniform_image(3, 3, 5, 6, 7);
+  auto r = f.queue->submit(&image.view, 1);
+  wait_resolved(*r);
+  CHECK(r->status() == RequestStatus::kOk);
+  CHECK(row_is(*r, 0, 5, 6, 7));
+  CHECK((f.engine->calls() == std::vector<int64_t>{4}));  // padded to the profile's minimum
+}
+
+TEST(fixed_batch_engine_always_runs_its_batch) {
+  BatchQueueOptions o = options(0);
+  Fixture f(o, BatchProfile{2, 2, 2}, kNoFailMarker, /*batch_dim=*/2);
+  CHECK_EQ(f.queue->max_batch(), int64_t{2});
+  std::vector<Image> images;
+  for (int i = 0; i < 3; ++i) images.push_back(uniform_image(3, 3, uint8_t(i), 0, 0));
+  const auto views = views_of(images);
+  auto r = f.queue->submit(views.data(), 3);
+  wait_resolved(*r);
+  CHECK(r->status() == RequestStatus::kOk);
+  for (int i = 0; i < 3; ++i) CHECK(row_is(*r, i, i, 0, 0));
+  for (int64_t rows : f.engine->calls()) CHECK_EQ(rows, int64_t{2});
+}
+
+TEST(configuration_errors_name_the_values) {
+  auto engine = std::make_shared<ChannelMeanEngine>(kSize);
+  auto stage = std::make_shared<NearestResizeStage>(kSize, DeviceKind::kCpu);
+  CHECK_THROWS(BatchQueue(engine, std::make_shared<NearestResizeStage>(16, DeviceKind::kCpu), options(4)),
+               std::invalid_argument, "writes [batch, 3, 16, 16]");
+  CHECK_THROWS(BatchQueue(engine, stage, options(65)), std::invalid_argument, "max_batch must be in [1, 64]");
+  CHECK_THROWS(BatchQueue(engine, stage, options(4, milliseconds(1), 0)), std::invalid_argument, "streams must be");
+  CHECK_THROWS(BatchQueue(engine, stage, options(4, milliseconds(1), 2, 16)), std::invalid_argument, "staging_bytes");
+  BatchQueueOptions named = options(4);
+  named.output = "nope";
+  CHECK_THROWS(BatchQueue(engine, stage, named), std::invalid_argument, "no output named 'nope' (outputs: 'embeds')");
+  CHECK_THROWS(BatchQueue(nullptr, stage, options(4)), std::invalid_argument, "engine is null");
+  // An engine serves one queue at a time.
+  {
+    BatchQueue first(engine, stage, options(4));
+    CHECK_THROWS(BatchQueue(engine, stage, options(4)), EngineError, "already serves a BatchQueue");
+  }
+  BatchQueue again(engine, stage, options(4));  // released by the first queue's close
+  CHECK_EQ(again.max_batch(), int64_t{4});
+}
+
+TEST(default_max_batch_is_the_profile_opt) {
+  Fixture f(options(0), BatchProfile{1, 12, 64});
+  CHECK_EQ(f.queue->max_batch(), int64_t{12});
+  CHECK_EQ(f.queue->streams(), 2);
+  CHECK(f.queue->device() == DeviceKind::kCpu);
+  CHECK_EQ(f.queue->output().name, std::string("embeds"));
+}
+
+TEST(cuda_engine_without_a_device_fails_clearly) {
+  // A CUDA engine on a machine (or build) without a usable device: a clear EngineError, no crash.
+  if (cuda_device_count() > 0) SKIP("a CUDA device is present");
+  EngineInfo info = channel_mean_info(kSize, {1, 8, 64});
+  info.device = DeviceKind::kCuda;
+  class NoopEngine final : public Engine {
+   public:
+    explicit NoopEngine(EngineInfo i) : Engine(std::move(i)) {}
+    void enqueue(const EngineCall&) override {}
+  };
+  auto engine = std::make_shared<NoopEngine>(info);
+#if NVCLIP_WITH_CUDA
+  auto stage = std::make_shared<NearestResizeStage>(kSize, DeviceKind::kCuda);
+  CHECK_THROWS(BatchQueue(engine, stage, options(4)), EngineError, "no such CUDA device is usable");
+#else
+  CHECK_THROWS(NearestResizeStage(kSize, DeviceKind::kCuda), EngineError, "needs a CUDA build");
+  auto stage = std::make_shared<NearestResizeStage>(kSize, DeviceKind::kCpu);
+  CHECK_THROWS(BatchQueue(engine, stage, options(4)), std::invalid_argument, "runs on cpu but the engine runs on cuda");
+#endif
+}
+
+TEST(device_mismatch_is_rejected) {
+  EngineInfo info = channel_mean_info(kSize, {1, 8, 64});
+  info.device = DeviceKind::kCuda;
+  class NoopEngine final : public Engine {
+   public:
+    explicit NoopEngine(EngineInfo i) : Engine(std::move(i)) {}
+    void enqueue(const EngineCall&) override {}
+  };
+  CHECK_THROWS(BatchQueue(std::make_shared<NoopEngine>(info), std::make_shared<NearestResizeStage>(kSize, DeviceKind::kCpu),
+                          options(4)),
+               std::invalid_argument, "runs on cpu but the engine runs on cuda");
+}
+
+NVTEST_MAIN()

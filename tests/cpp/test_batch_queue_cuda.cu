@@ -1,0 +1,137 @@
+// BatchQueue's CUDA path: pinned staging, H2D copy plans, NearestResizeStage's kernel writing the
+// engine input, a CUDA engine on the slot's stream, D2H of the rows. Every test skips (exit 77)
+// where no CUDA device is usable.
+#include <atomic>
+#include <random>
+#include <thread>
+
+#include "batch_queue.h"
+#include "cuda_util.h"
+#include "errors.h"
+#include "harness.h"
+#include "nearest_resize_stage.h"
+#include "test_support.h"
+
+using namespace nvclip;
+using namespace nvtest;
+
+namespace {
+
+constexpr int32_t kSize = 8;
+constexpr int kThreads = 128;
+constexpr auto kWaitLimit = std::chrono::seconds(60);
+
+// out[row] = [mean R * 255, mean G * 255, mean B * 255, batch]: one block per (row, channel).
+__global__ void channel_mean_kernel(const float* in, int64_t plane, int64_t batch, float* out) {
+  __shared__ double partial[kThreads];
+  const int64_t row = blockIdx.x, channel = blockIdx.y;
+  const float* p = in + (row * 3 + channel) * plane;
+  double sum = 0;
+  for (int64_t k = threadIdx.x; k < plane; k += blockDim.x) sum += p[k];
+  partial[threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0;
+    for (int t = 0; t < kThreads; ++t) total += partial[t];
+    out[row * kOutDim + channel] = static_cast<float>(total / static_cast<double>(plane) * 255.0);
+    if (channel == 0) out[row * kOutDim + kBatchColumn] = static_cast<float>(batch);
+  }
+}
+
+class CudaChannelMeanEngine final : public Engine {
+ public:
+  explicit CudaChannelMeanEngine(int32_t size) : Engine(cuda_info(size)), size_(size) {}
+  std::atomic<int> fail_call{-1};  // the call (0-based) to fail, -1: none
+  std::atomic<int> calls{0};
+
+  void enqueue(const EngineCall& call) override {
+    if (calls++ == fail_call) throw EngineError("injected failure");
+    const dim3 grid(static_cast<unsigned>(call.batch), 3);
+    channel_mean_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(call.stream)>>>(
+        static_cast<const float*>(call.inputs[0]), static_cast<int64_t>(size_) * size_, call.batch,
+        static_cast<float*>(call.outputs[0]));
+    NVCLIP_CUDA_CHECK(cudaGetLastError());
+  }
+
+ private:
+  static EngineInfo cuda_info(int32_t size) {
+    EngineInfo info = channel_mean_info(size, {1, 16, 64});
+    info.device = DeviceKind::kCuda;
+    return info;
+  }
+  int32_t size_;
+};
+
+void require_gpu() {
+  if (cuda_device_count() == 0) SKIP("gpu: " + cuda_unavailable_reason());
+}
+
+BatchQueueOptions options(int64_t max_batch, size_t staging) {
+  BatchQueueOptions o;
+  o.max_batch = max_batch;
+  o.max_delay = std::chrono::milliseconds(1);
+  o.streams = 3;
+  o.staging_bytes = staging;
+  return o;
+}
+
+}  // namespace
+
+TEST(cuda_rows_reach_their_callers) {
+  require_gpu();
+  auto engine = std::make_shared<CudaChannelMeanEngine>(kSize);
+  BatchQueue queue(engine, std::make_shared<NearestResizeStage>(kSize, DeviceKind::kCuda), options(16, 64 << 10));
+  std::atomic<int> bad{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(t);
+      for (int c = 0; c < 20; ++c) {
+        const int n = 1 + static_cast<int>(rng() % 6);
+        std::vector<Image> images;
+        for (int j = 0; j < n; ++j) images.push_back(uniform_image(1 + int(rng() % 50), 1 + int(rng() % 50), uint8_t(t), uint8_t(c), uint8_t(j)));
+        std::vector<ImageView> views;
+        for (const auto& image : images) views.push_back(image.view);
+        auto r = queue.submit(views.data(), n);
+        if (!r->wait_for(kWaitLimit) || r->status() != RequestStatus::kOk) {
+          ++bad;
+          continue;
+        }
+        for (int j = 0; j < n; ++j) bad += row_is(*r, j, t, c, j) ? 0 : 1;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  CHECK_EQ(bad.load(), 0);
+}
+
+TEST(cuda_engine_failure_fails_one_batch_and_the_queue_goes_on) {
+  require_gpu();
+  auto engine = std::make_shared<CudaChannelMeanEngine>(kSize);
+  engine->fail_call = 0;
+  BatchQueue queue(engine, std::make_shared<NearestResizeStage>(kSize, DeviceKind::kCuda), options(4, 1 << 20));
+  Image image = uniform_image(5, 5, 1, 2, 3);
+  auto first = queue.submit(&image.view, 1);
+  CHECK(first->wait_for(kWaitLimit));
+  CHECK(first->status() == RequestStatus::kFailed);
+  CHECK_MSG(first->error().find("injected failure") != std::string::npos, first->error());
+  auto second = queue.submit(&image.view, 1);
+  CHECK(second->wait_for(kWaitLimit));
+  CHECK_MSG(second->status() == RequestStatus::kOk, second->error());
+  CHECK(row_is(*second, 0, 1, 2, 3));
+}
+
+TEST(cuda_oversized_image_uses_its_own_buffers) {
+  require_gpu();
+  auto engine = std::make_shared<CudaChannelMeanEngine>(kSize);
+  BatchQueue queue(engine, std::make_shared<NearestResizeStage>(kSize, DeviceKind::kCuda), options(4, 4096));
+  Image big = uniform_image(100, 100, 7, 8, 9);  // 30 KB: larger than the ring and each slot's share
+  Image small = uniform_image(4, 4, 1, 1, 1);
+  const ImageView views[] = {small.view, big.view, small.view};
+  auto r = queue.submit(views, 3);
+  CHECK(r->wait_for(kWaitLimit));
+  CHECK_MSG(r->status() == RequestStatus::kOk, r->error());
+  CHECK(row_is(*r, 0, 1, 1, 1) && row_is(*r, 1, 7, 8, 9) && row_is(*r, 2, 1, 1, 1));
+}
+
+NVTEST_MAIN()

@@ -1,0 +1,479 @@
+"""The native BatchQueue driven from Python, with a numpy engine plugged in through the trampoline.
+
+Images are uniform colours: NearestResizeStage (a test stand-in, not open_clip's transform) maps a
+uniform image to uniform planes, and ``MeanEngine`` returns each image's channel means * 255 plus
+the rows of the engine call, so every row names the image it came from.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import nvclip_fast
+from nvclip_fast import _C
+
+SIZE = 8  # preprocess output S: small, these tests are about routing, not pixels
+OUT_DIM = 4  # R, G, B, rows in the engine call
+POISON = 255  # a red value MeanEngine refuses
+FAIL_MARKER = 254  # NearestResizeStage fails an image whose first byte is this
+WAIT_S = 60  # "never hangs": far above any real wait
+
+
+class MeanEngine(_C.Engine):
+    """Channel means of the preprocessed input, computed with numpy, on the CPU."""
+
+    def __init__(self, *, delay_s: float = 0.0, batch: tuple[int, int, int] = (1, 8, 64)):
+        super().__init__(
+            _C.EngineInfo(
+                inputs=[_C.TensorSpec("pixels", "float32", [-1, 3, SIZE, SIZE])],
+                outputs=[_C.TensorSpec("embeds", "float32", [-1, OUT_DIM])],
+                batch=batch,
+                device="cpu",
+            )
+        )
+        self.delay_s = delay_s
+        self.calls: list[int] = []
+
+    def enqueue(self, batch, inputs, outputs, stream):
+        assert stream == 0
+        pixels = inputs["pixels"]
+        assert pixels.shape == (batch, 3, SIZE, SIZE)
+        assert not pixels.flags.writeable
+        out = outputs["embeds"]
+        out[:, :3] = pixels.astype(np.float64).mean(axis=(2, 3)) * 255
+        out[:, 3] = batch
+        self.calls.append(batch)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if np.any(np.rint(out[:, 0]) == POISON):
+            raise ValueError("poisoned batch")
+
+
+def image(rgb: tuple[int, int, int], height: int = 5, width: int = 7) -> np.ndarray:
+    return np.broadcast_to(np.array(rgb, np.uint8), (height, width, 3)).copy()
+
+
+def colours(rows: np.ndarray) -> list[tuple[int, int, int]]:
+    return [tuple(int(v) for v in row) for row in np.rint(rows[:, :3])]
+
+
+def make_queue(engine=None, *, fail_marker: int = -1, **options) -> _C.BatchQueue:
+    options.setdefault("max_batch", 8)
+    options.setdefault("max_delay_ms", 1.0)
+    return _C.BatchQueue(
+        engine or MeanEngine(), _C.NearestResizeStage(SIZE, fail_marker=fail_marker), **options
+    )
+
+
+def as_future(queue: _C.BatchQueue, images) -> concurrent.futures.Future:
+    """How the Encoder wires a Request to a concurrent.futures.Future: a completion callback."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_running_or_notify_cancel()
+
+    def done(request: _C.Request) -> None:
+        try:
+            future.set_result(request.result())
+        except nvclip_fast.EngineError as e:
+            future.set_exception(e)
+
+    queue.submit(images, done)
+    return future
+
+
+def test_rows_come_back_in_order_for_every_layout():
+    base = np.zeros((12, 16, 3), np.uint8)
+    base[...] = (30, 40, 50)
+    images = [
+        image((1, 2, 3)),
+        np.full((9, 4), 77, np.uint8),  # gray HW
+        np.full((6, 6, 1), 88, np.uint8),  # gray HWC, C = 1
+        base[2:10, 3:12],  # a crop: rows padded (strided), used without a copy
+        base[:, ::2],  # non-contiguous pixels: copied by the binding
+        image((4, 5, 6))[::-1],  # negative row stride: copied by the binding
+    ]
+    with make_queue() as queue:
+        request = queue.submit(images)
+        rows = request.result(timeout=WAIT_S)
+    assert rows.shape == (len(images), OUT_DIM)
+    assert rows.dtype == np.float32
+    assert colours(rows) == [(1, 2, 3), (77, 77, 77), (88, 88, 88), (30, 40, 50), (30, 40, 50), (4, 5, 6)]
+    assert request.status == "ok"
+    assert request.error == ""
+    assert request.item_errors == [""] * len(images)
+    assert len(request) == len(images)
+
+
+def test_results_cannot_be_read_while_pending():
+    with make_queue(max_batch=64, max_delay_ms=10_000.0) as queue:
+        request = queue.submit([image((1, 2, 3))])
+        assert request.status == "pending"
+        assert not request.done()
+        assert request.wait(timeout=0.01) is False
+        with pytest.raises(TimeoutError):
+            request.result(timeout=0.01)
+        for read in (request.rows, lambda: request.item_errors, lambda: request.failed_items):
+            with pytest.raises(nvclip_fast.EngineError, match="read before it was done"):
+                read()
+    # close() drains: the request ran after all
+    assert colours(request.result(timeout=0)) == [(1, 2, 3)]
+
+
+def test_zero_images():
+    with make_queue() as queue:
+        rows = queue.submit([]).result(timeout=WAIT_S)
+    assert rows.shape == (0, OUT_DIM)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "match"),
+    [
+        (np.zeros((4, 4, 3), np.float32), TypeError, r"images\[1\]: expected dtype uint8, got float32"),
+        (
+            np.zeros((4, 4, 4), np.uint8),
+            ValueError,
+            r"images\[1\]: expected 1 \(gray\) or 3 \(RGB\) channels, got 4",
+        ),
+        (np.zeros((4,), np.uint8), ValueError, r"images\[1\]: expected shape \(H, W\) or \(H, W, C\)"),
+        (np.zeros((0, 4, 3), np.uint8), ValueError, r"images\[1\]: height and width must be"),
+        ([[1, 2], [3, 4]], TypeError, r"images\[1\]: expected a numpy uint8 array .* got list"),
+    ],
+)
+def test_malformed_images_raise_naming_the_index_and_queue_nothing(bad, error, match):
+    engine = MeanEngine()
+    with make_queue(engine) as queue:
+        with pytest.raises(error, match=match):
+            queue.submit([image((1, 1, 1)), bad])
+        assert queue.stats()["images"] == 0
+    assert engine.calls == []
+
+
+def test_max_batch_plus_one_and_batch_formation_by_delay():
+    engine = MeanEngine()
+    with make_queue(engine, max_batch=4, max_delay_ms=200.0, streams=1) as queue:
+        start = time.monotonic()
+        rows = queue.submit([image((i, 0, 0)) for i in range(5)]).result(timeout=WAIT_S)
+        elapsed = time.monotonic() - start
+    assert engine.calls == [4, 1]  # the full batch went at once, the remainder after max_delay
+    assert colours(rows) == [(i, 0, 0) for i in range(5)]
+    assert list(rows[:, 3]) == [4, 4, 4, 4, 1]
+    assert elapsed >= 0.18  # the lone fifth image waited for max_delay (200 ms) to pass
+
+
+def test_concurrent_callers_each_get_exactly_their_rows():
+    # 16 threads x 25 calls of 1..6 random-size images; a row's colour names (thread, call, index).
+    threads, calls = 16, 25
+    engine = MeanEngine()
+    with make_queue(engine, max_batch=16, streams=3, staging_bytes=64 << 10) as queue:
+
+        def caller(t: int) -> int:
+            rng = random.Random(t)
+            checked = 0
+            for c in range(calls):
+                n = rng.randint(1, 6)
+                images = [image((t, c, j), rng.randint(1, 30), rng.randint(1, 30)) for j in range(n)]
+                if c % 2:
+                    rows = as_future(queue, images).result(timeout=WAIT_S)
+                else:
+                    rows = queue.submit(images).result(timeout=WAIT_S)
+                assert colours(rows) == [(t, c, j) for j in range(n)]
+                checked += n
+            return checked
+
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            checked = sum(pool.map(caller, range(threads)))
+        stats = queue.stats()
+    assert stats["images"] == checked
+    assert stats["requests"] == threads * calls
+    assert stats["failed_batches"] == 0
+    assert max(engine.calls) > 1  # callers' images were batched together
+
+
+def test_failing_batch_fails_only_its_requests_and_the_queue_goes_on():
+    with make_queue(streams=1) as queue:
+        assert colours(queue.submit([image((1, 2, 3))]).result(timeout=WAIT_S)) == [(1, 2, 3)]
+        poisoned = queue.submit([image((5, 5, 5)), image((POISON, 0, 0))])
+        with pytest.raises(
+            nvclip_fast.EngineError, match=r"engine failed: Python engine enqueue\(\) raised ValueError"
+        ):
+            poisoned.result(timeout=WAIT_S)
+        assert poisoned.status == "failed"
+        assert "poisoned batch" in poisoned.error
+        future = as_future(queue, [image((POISON, 1, 1))])
+        with pytest.raises(nvclip_fast.EngineError, match="poisoned batch"):
+            future.result(timeout=WAIT_S)
+        assert colours(queue.submit([image((7, 8, 9))]).result(timeout=WAIT_S)) == [(7, 8, 9)]
+        stats = queue.stats()
+    assert stats["failed_batches"] == 2
+    assert stats["batches"] == 4
+
+
+def test_failed_item_gives_a_nan_row_without_shifting_the_others():
+    with make_queue(fail_marker=FAIL_MARKER) as queue:
+        request = queue.submit([image((10, 20, 30)), image((FAIL_MARKER, 0, 0)), image((11, 21, 31))])
+        rows = request.result(timeout=WAIT_S)
+    assert request.status == "ok"
+    assert request.failed_items == 1
+    assert request.item_errors[0] == request.item_errors[2] == ""
+    assert "fail marker" in request.item_errors[1]
+    assert np.isnan(rows[1]).all()
+    assert colours(rows[[0, 2]]) == [(10, 20, 30), (11, 21, 31)]
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+def test_close_under_load_resolves_every_request(cancel):
+    engine = MeanEngine(delay_s=0.002)
+    queue = make_queue(engine, max_batch=4, staging_bytes=32 << 10)
+    requests: list[_C.Request] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    rejected: list[str] = []
+
+    def caller(t: int) -> None:
+        images = [image((t, j, 0), 12, 12) for j in range(5)]
+        while not stop.is_set():
+            try:
+                request = queue.submit(images)
+            except nvclip_fast.EngineError as e:
+                rejected.append(str(e))
+                return
+            with lock:
+                requests.append(request)
+
+    threads = [threading.Thread(target=caller, args=(t,)) for t in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    start = time.monotonic()
+    queue.close(cancel=cancel)
+    close_s = time.monotonic() - start
+    stop.set()
+    for thread in threads:
+        thread.join(WAIT_S)
+    assert not any(thread.is_alive() for thread in threads)
+    assert requests
+    assert all("closed" in message for message in rejected)
+    statuses = {r.status for r in requests}
+    assert all(r.done() for r in requests), "close() returned with a request unresolved"
+    if cancel:
+        assert statuses <= {"ok", "cancelled"}
+        for r in requests:
+            if r.status == "cancelled":
+                with pytest.raises(nvclip_fast.EngineError, match="cancelled"):
+                    r.result(timeout=0)
+        assert close_s < 10
+    else:
+        assert statuses == {"ok"}  # drain: everything accepted is finished
+        for t, r in enumerate(requests[:20]):
+            assert r.result(timeout=0).shape == (5, OUT_DIM), t
+    with pytest.raises(nvclip_fast.EngineError, match="closed"):
+        queue.submit([image((1, 1, 1))])
+    assert queue.closed
+
+
+def test_waiting_releases_the_gil():
+    # A request waits max_delay (300 ms) for its batch; meanwhile a pure-Python thread must run.
+    counter = 0
+    stop = threading.Event()
+
+    def count() -> None:
+        nonlocal counter
+        while not stop.is_set():
+            counter += 1
+
+    with make_queue(max_batch=64, max_delay_ms=300.0) as queue:
+        counting = threading.Thread(target=count)
+        counting.start()
+        try:
+            time.sleep(0.05)
+            request = queue.submit([image((1, 2, 3))])
+            before = counter
+            assert request.wait(timeout=WAIT_S)
+            during = counter - before
+        finally:
+            stop.set()
+            counting.join()
+    assert during > 1000, f"the counting thread advanced only {during} times during wait()"
+
+
+def test_backpressure_blocks_submit_without_the_gil():
+    # A 4 KiB ring holds 4 of these 1 KiB images; submit(40) must wait for batches, which need the
+    # GIL for the Python engine: it only finishes if submit released the GIL while blocked.
+    engine = MeanEngine(delay_s=0.002)
+    images = [image((i, 1, 2), 16, 21) for i in range(40)]  # 16 * 21 * 3 = 1008 bytes -> 1 KiB staged
+    with make_queue(engine, max_batch=4, max_delay_ms=0.0, staging_bytes=4096) as queue:
+        request = queue.submit(images)
+        calls_when_submit_returned = len(engine.calls)
+        rows = request.result(timeout=WAIT_S)
+    assert calls_when_submit_returned >= 9  # (40 - 4) / 4 batches had to finish first
+    assert colours(rows) == [(i, 1, 2) for i in range(40)]
+
+
+def test_oversized_image_works():
+    with make_queue(staging_bytes=4096) as queue:
+        rows = queue.submit([image((1, 1, 1)), image((9, 8, 7), 64, 64)]).result(timeout=WAIT_S)
+        assert queue.stats()["oversized_images"] == 1
+    assert colours(rows) == [(1, 1, 1), (9, 8, 7)]
+
+
+def test_rows_outlive_the_request_and_the_queue():
+    with make_queue() as queue:
+        rows = queue.submit([image((3, 4, 5))]).result(timeout=WAIT_S)
+    del queue
+    assert colours(rows) == [(3, 4, 5)]
+    rows[0, 0] = -1.0  # the caller owns the rows
+    assert rows[0, 0] == -1.0
+
+
+def test_callback_exception_is_reported_as_unraisable(monkeypatch):
+    seen: list[BaseException] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: seen.append(info.exc_value))
+
+    def callback(request):
+        raise RuntimeError("callback bug")
+
+    with make_queue() as queue:
+        queue.submit([image((1, 1, 1))], callback).wait(timeout=WAIT_S)
+        ok = queue.submit([image((2, 2, 2))]).result(timeout=WAIT_S)  # the queue carries on
+    assert colours(ok) == [(2, 2, 2)]
+    assert [str(e) for e in seen] == ["callback bug"]
+
+
+def test_engine_without_enqueue_fails_its_batches():
+    class NoEnqueue(_C.Engine):
+        pass
+
+    info = MeanEngine().info
+    with (
+        make_queue(NoEnqueue(info)) as queue,
+        pytest.raises(nvclip_fast.EngineError, match=r"does not implement enqueue"),
+    ):
+        queue.submit([image((1, 1, 1))]).result(timeout=WAIT_S)
+
+
+def test_engine_and_queue_configuration_errors():
+    with pytest.raises(ValueError, match=r"unknown tensor dtype 'float' \(expected one of float32"):
+        _C.TensorSpec("x", "float", [-1, 3])
+    with pytest.raises(ValueError, match=r"1 <= min <= opt <= max"):
+        _C.EngineInfo(
+            inputs=[_C.TensorSpec("x", "float32", [-1, 3])],
+            outputs=[_C.TensorSpec("y", "float32", [-1, 2])],
+            batch=(4, 2, 8),
+        )
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        _C.EngineInfo(inputs=[], outputs=[], batch=(1, 1, 1), device="tpu")
+    engine = MeanEngine()
+    with pytest.raises(ValueError, match=r"writes \[batch, 3, 16, 16\]"):
+        _C.BatchQueue(engine, _C.NearestResizeStage(16))
+    with pytest.raises(ValueError, match=r"max_batch must be in \[1, 64\]"):
+        make_queue(engine, max_batch=65)
+    with pytest.raises(ValueError, match="max_delay_ms must be a finite number >= 0"):
+        make_queue(engine, max_delay_ms=-1.0)
+    with make_queue(engine) as queue:
+        assert (queue.device, queue.max_batch, queue.streams) == ("cpu", 8, 2)
+        assert queue.input.name == "pixels"
+        assert queue.output.shape == [-1, OUT_DIM]
+        with pytest.raises(nvclip_fast.EngineError, match="already serves a BatchQueue"):
+            make_queue(engine)
+    with make_queue(engine) as queue:  # free again once the first queue closed
+        assert queue.max_batch == 8
+
+
+def test_multi_output_engine_needs_the_output_named():
+    class TwoOutputs(_C.Engine):
+        def __init__(self):
+            super().__init__(
+                _C.EngineInfo(
+                    inputs=[_C.TensorSpec("pixels", "float32", [-1, 3, SIZE, SIZE])],
+                    outputs=[_C.TensorSpec("a", "float32", [-1, 2]), _C.TensorSpec("b", "int64", [-1, 1])],
+                    batch=(1, 4, 8),
+                )
+            )
+
+        def enqueue(self, batch, inputs, outputs, stream):
+            outputs["a"][:] = 1.5
+            outputs["b"][:] = np.arange(batch)[:, None]
+
+    engine = TwoOutputs()
+    with pytest.raises(ValueError, match=r"the engine has 2 outputs \(a, b\): name the one to return"):
+        _C.BatchQueue(engine, _C.NearestResizeStage(SIZE))
+    with _C.BatchQueue(engine, _C.NearestResizeStage(SIZE), output="b", max_delay_ms=50.0) as queue:
+        rows = queue.submit([image((1, 1, 1))] * 3).result(timeout=WAIT_S)
+    assert rows.dtype == np.int64
+    assert rows[:, 0].tolist() == [0, 1, 2]
+
+
+def test_tensorrt_plan_on_this_machine_raises_engine_error_never_crashes(tmp_path):
+    # Issue 5: Encoder("x.plan") on a machine without a GPU (or TensorRT) is a clear EngineError.
+    missing = tmp_path / "missing.plan"
+    with pytest.raises(nvclip_fast.EngineError, match=r"missing\.plan|without TensorRT"):
+        _C.TrtEngine(missing)
+    junk = tmp_path / "junk.plan"
+    junk.write_bytes(b"not a TensorRT plan")
+    with pytest.raises(nvclip_fast.EngineError) as excinfo:
+        _C.TrtEngine(str(junk))
+    message = str(excinfo.value)
+    if not nvclip_fast.build_info()["tensorrt"]:
+        assert "built without TensorRT" in message
+    elif not nvclip_fast.cuda_available():
+        assert "junk.plan" in message
+        assert "no usable CUDA device" in message
+    else:  # a GPU: either TensorRT is absent, or it refuses the bytes
+        assert "could not load the TensorRT" in message or "deserialization failed" in message
+
+
+def test_open_queue_at_interpreter_exit_does_not_hang():
+    # A queue left open (with a Python engine and pending work) is cancelled by the atexit hook.
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_batch_queue import MeanEngine, image, make_queue
+        queue = make_queue(MeanEngine(delay_s=0.01), max_batch=2)
+        requests = [queue.submit([image((i, 0, 0))] * 4) for i in range(20)]
+        print("submitted", flush=True)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT_S)
+    assert out.returncode == 0, out.stderr
+    assert "submitted" in out.stdout
+
+
+@pytest.mark.gpu
+def test_cuda_engine_through_the_trampoline():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+
+    class TorchMean(_C.Engine):
+        def __init__(self):
+            super().__init__(
+                _C.EngineInfo(
+                    inputs=[_C.TensorSpec("pixels", "float32", [-1, 3, SIZE, SIZE])],
+                    outputs=[_C.TensorSpec("embeds", "float32", [-1, OUT_DIM])],
+                    batch=(1, 8, 64),
+                    device="cuda",
+                )
+            )
+
+        def enqueue(self, batch, inputs, outputs, stream):
+            with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+                pixels = torch.as_tensor(inputs["pixels"], device="cuda")
+                out = torch.as_tensor(outputs["embeds"], device="cuda")
+                out[:, :3] = pixels.double().mean(dim=(2, 3)).float() * 255
+                out[:, 3] = batch
+
+    with _C.BatchQueue(TorchMean(), _C.NearestResizeStage(SIZE, device="cuda"), max_batch=8) as queue:
+        assert queue.device == "cuda"
+        futures = [as_future(queue, [image((t, j, 1), 3 + j, 9) for j in range(5)]) for t in range(20)]
+        for t, future in enumerate(futures):
+            assert colours(future.result(timeout=WAIT_S)) == [(t, j, 1) for j in range(5)]
