@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 
 import pytest
@@ -175,6 +176,12 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(models.CheckpointError, match=r"junk.pt"):
         models.load_model("tiny-clip", weights=tmp_path / "junk.pt")
+    # Lightning-style checkpoints pickle hyperparameter objects, which weights_only loading refuses.
+    torch.save({"state_dict": {}, "hparams": argparse.Namespace(lr=0.1)}, tmp_path / "hp.ckpt")
+    with pytest.raises(
+        models.CheckpointError, match=r"(?s)hp.ckpt holds Python objects.*re-save just the weights"
+    ):
+        models.load_model("tiny-clip", weights=tmp_path / "hp.ckpt")
     torch.save({"step": 3, "config": {"lr": 0.1}}, tmp_path / "empty.pt")
     with pytest.raises(models.CheckpointError, match=r"no tensors found"):
         models.load_model("tiny-clip", weights=tmp_path / "empty.pt")
