@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -161,3 +163,15 @@ def test_parity_verdict():
     assert not failed.passed
     assert "FAILED" in str(failed)
     assert failed.to_dict()["passed"] is False
+
+
+def test_import_stays_light():
+    # The runtime reads sidecars and the CLI parses arguments without torch, onnx or TensorRT.
+    code = (
+        "import sys, nvclip_fast, nvclip_fast.metadata, nvclip_fast.trt_build, nvclip_fast.cli\n"
+        "heavy = {'torch', 'onnx', 'open_clip', 'onnxruntime', 'tensorrt'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "assert 'export' in dir(nvclip_fast)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
