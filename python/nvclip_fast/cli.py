@@ -30,7 +30,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     # Imported here: the exporter pulls in torch, open_clip and onnx, which `info` does not need.
     from .exporter import ExportError, ParityError, bundle_paths, export
-    from .models import CheckpointError, PretrainedUnavailableError, UnknownModelError, WeightsRequiredError
+    from .models import PretrainedUnavailableError, WeightsRequiredError
     from .trt_build import TensorRTBuildError, TensorRTUnavailableError
 
     def fail(message: str, code: int) -> int:
@@ -66,15 +66,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return EXIT_NO_TENSORRT
     except ParityError as e:
         return fail(str(e), EXIT_PARITY)
-    except (
-        UnknownModelError,
-        CheckpointError,
-        PretrainedUnavailableError,
-        ExportError,
-        TensorRTBuildError,
-    ) as e:
-        return fail(str(e), EXIT_ERROR)
-    except (FileNotFoundError, ValueError) as e:
+    # ValueError covers bad arguments and the models' UnknownModelError / CheckpointError.
+    except (ValueError, FileNotFoundError, PretrainedUnavailableError, ExportError, TensorRTBuildError) as e:
         return fail(str(e), EXIT_ERROR)
     print(bundle_paths(args.output).sidecar)
     return EXIT_OK
