@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _C
 from ._C import EngineError
 
+if TYPE_CHECKING:
+    from .exporter import export
+
 __version__ = "0.1.0"
 
-__all__ = ["EngineError", "__version__", "build_info", "cuda_available"]
+__all__ = ["EngineError", "__version__", "build_info", "cuda_available", "export"]
 
 
 def build_info() -> dict[str, Any]:
@@ -24,3 +27,16 @@ def build_info() -> dict[str, Any]:
 def cuda_available() -> bool:
     """True when this build has CUDA and a CUDA device is usable (driver present, GPU visible)."""
     return _C.cuda_device_count() > 0
+
+
+def __getattr__(name: str) -> Any:
+    # `export` pulls in torch, open_clip and onnx: imported on first use, so `import nvclip_fast` stays light.
+    if name == "export":
+        from .exporter import export
+
+        return export
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"export"})
