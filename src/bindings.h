@@ -7,5 +7,6 @@ namespace nvclip {
 
 void bind_errors(pybind11::module_& m);
 void bind_build_info(pybind11::module_& m);
+void bind_resize_normalize(pybind11::module_& m);
 
 }  // namespace nvclip

@@ -5,4 +5,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "nvclip_fast native core (private; use the nvclip_fast package)";
   nvclip::bind_errors(m);
   nvclip::bind_build_info(m);
+  nvclip::bind_resize_normalize(m);
 }
