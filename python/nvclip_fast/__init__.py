@@ -6,10 +6,20 @@ from typing import Any
 
 from . import _C
 from ._C import EngineError
+from .images import decode_image
+from .preprocess import PreprocessSpec, preprocess
 
 __version__ = "0.1.0"
 
-__all__ = ["EngineError", "__version__", "build_info", "cuda_available"]
+__all__ = [
+    "EngineError",
+    "PreprocessSpec",
+    "__version__",
+    "build_info",
+    "cuda_available",
+    "decode_image",
+    "preprocess",
+]
 
 
 def build_info() -> dict[str, Any]:
