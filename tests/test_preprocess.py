@@ -304,6 +304,9 @@ def test_bad_arguments(rgb):
         nf.preprocess([rgb], SPEC, out=np.empty((1, 3, 224, 448), np.float32)[..., ::2])
     with pytest.raises(ValueError, match="device must be 'cpu' or a CUDA device"):
         nf.preprocess([rgb], SPEC, device="mps")
+    if not nf.cuda_available():
+        with pytest.raises(nf.EngineError, match="CUDA"):
+            nf.preprocess([rgb], SPEC, device="cuda")
 
 
 def test_native_layer_refuses_what_it_cannot_read():
@@ -381,5 +384,6 @@ def test_other_pil_modes_differ_as_documented():
         assert documented[mode][0] == level, (
             f"{mode}: measured max {level}, README says {documented[mode][0]}"
         )
-        assert abs(documented[mode][1] - percent) <= max(0.001, 0.05 * percent), f"{mode}: measured {percent}%"
+        tolerance = max(0.001, 0.05 * percent)  # the README rounds; other Pillow builds may move a pixel
+        assert abs(documented[mode][1] - percent) <= tolerance, f"{mode}: measured {percent}%"
     assert measured["RGBA, opaque"] == (0, 0.0)  # premultiplying by an alpha of 255 changes nothing

@@ -227,7 +227,10 @@ def preprocess(
     dtype_name = _dtype_name(dtype)
     n_threads = _threads(threads)
     shape = (len(items), _CHANNELS, spec.size, spec.size)
-    if str(device) == "cpu":
+    device_type = str(getattr(device, "type", device)).split(":")[0]  # "cuda:1", torch.device("cuda", 1)
+    if device_type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or a CUDA device, got {device!r}")
+    if device_type == "cpu":
         pixels = [as_host_pixels(decode_image(item, i)) for i, item in enumerate(items)]
         result = _host_out(out, shape, dtype_name)
         _C.resize_normalize(pixels, spec._params, getattr(_C.OutputDType, dtype_name), result, n_threads)
@@ -259,8 +262,6 @@ def _preprocess_cuda(
     import torch
 
     dev = torch.device(device)
-    if dev.type != "cuda":
-        raise ValueError(f"device must be 'cpu' or a CUDA device, got {device!r}")
     if not torch.cuda.is_available():
         raise EngineError(f"device={device!r} but no CUDA device is usable: {_C.cuda_unavailable_reason()}")
     if dev.index is None:
