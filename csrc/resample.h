@@ -39,6 +39,7 @@ NVCLIP_HD uint8_t clip8(int32_t acc) {
 template <int C>
 NVCLIP_HD void accumulate_taps(const uint8_t* p, int64_t tap_stride, const int32_t* weights, int taps,
                                int32_t* acc) {
+  NVCLIP_NO_UNROLL
   for (int t = 0; t < taps; ++t) {
     const int32_t w = weights[t];
     const uint8_t* q = p + t * tap_stride;

@@ -79,7 +79,8 @@ NVCLIP_HD TileBounds tile_bounds(const TileImage& im, int32_t size, int32_t tile
   }
   // Windows move monotonically with the output index (AxisCoeffs), so the first and the last
   // output of the tile bound the lines it reads.
-  const AxisTableView& second = im.vertical_first ? im.x : im.y;
+  // Selected by value, not by reference: a reference would put `im` in local memory on the GPU.
+  const AxisTableView second = im.vertical_first ? im.x : im.y;
   const int32_t first_out = im.vertical_first ? b.vx0 - im.pad_x : b.vy0 - im.pad_y;
   const int32_t last_out = im.vertical_first ? b.vx1 - 1 - im.pad_x : b.vy1 - 1 - im.pad_y;
   b.line0 = second.start[first_out];
@@ -99,6 +100,7 @@ NVCLIP_HD void tile_init(int32_t (&acc)[kPixelsPerThread][kMaxChannels]) {
 template <int C>
 NVCLIP_HD void tile_first_pass(const TileImage& im, const TileBounds& b, int32_t chunk0, int tid, uint8_t* inter) {
   constexpr int kItems = kChunkLines * kTile;
+  NVCLIP_NO_UNROLL
   for (int item = tid; item < kItems; item += kBlockThreads) {
     int32_t acc[C];
     for (int c = 0; c < C; ++c) acc[c] = kRoundingBias;
@@ -140,7 +142,7 @@ NVCLIP_HD void tile_second_pass(const TileImage& im, const TileBounds& b, int32_
     const int32_t y = b.y0 + ly;
     const int32_t x = b.x0 + lx;
     if (y < b.vy0 || y >= b.vy1 || x < b.vx0 || x >= b.vx1) continue;
-    const AxisTableView& axis = im.vertical_first ? im.x : im.y;
+    const AxisTableView axis = im.vertical_first ? im.x : im.y;
     const int32_t j = im.vertical_first ? x - im.pad_x : y - im.pad_y;
     const int32_t s = axis.start[j];
     const int32_t lo = max_i32(s, chunk0);
@@ -180,9 +182,14 @@ NVCLIP_HD void tile_store(const TileImage& im, const TileBounds& b, int32_t size
     const int32_t y = b.y0 + p / kTile;
     const int32_t x = b.x0 + p % kTile;
     if (y >= size || x >= size) continue;
+    const bool inside = y >= b.vy0 && y < b.vy1 && x >= b.vx0 && x < b.vx1;
+    const bool gray = im.channels == 1;
+    // Constant indices only (a computed one would move acc to local memory on the GPU).
     uint8_t v[kMaxChannels] = {fill, fill, fill};
-    if (y >= b.vy0 && y < b.vy1 && x >= b.vx0 && x < b.vx1) {
-      for (int c = 0; c < kMaxChannels; ++c) v[c] = clip8(acc[k][im.channels == 1 ? 0 : c]);
+    if (inside) {
+      v[0] = clip8(acc[k][0]);
+      v[1] = gray ? v[0] : clip8(acc[k][1]);
+      v[2] = gray ? v[0] : clip8(acc[k][2]);
     }
     const int64_t offset = static_cast<int64_t>(y) * size + x;
     for (int c = 0; c < kMaxChannels; ++c) store_word(out + c * plane + offset, table[c * kLevels + v[c]]);
