@@ -207,8 +207,7 @@ KernelBatchPacker::Layout KernelBatchPacker::plan(const ImageView* images, int64
   return layout_;
 }
 
-void KernelBatchPacker::write(uint8_t* staging, const uint8_t* header_device, const uint8_t* arena_device) const {
-  (void)header_device;  // the descriptors point only into the arena; the kernel gets the header address
+void KernelBatchPacker::write(uint8_t* staging, const uint8_t* arena_device) const {
   std::memcpy(staging + kNormalizeTableOffset, &normalize_table_, sizeof normalize_table_);
   auto* descriptors = reinterpret_cast<TileImage*>(staging + kDescriptorOffset);
   for (size_t i = 0; i < images_.size(); ++i) {
@@ -240,7 +239,7 @@ void ResizeNormalizeEmulated::enqueue(const ImageView* images, int64_t n, const 
                                                         static_cast<int64_t>(staging_.size()))));
   header_.resize(static_cast<size_t>(std::max<int64_t>(layout.header_bytes, static_cast<int64_t>(header_.size()))));
   arena_.resize(static_cast<size_t>(std::max<int64_t>(layout.arena_bytes, static_cast<int64_t>(arena_.size()))));
-  packer_.write(staging_.data(), header_.data(), arena_.data());
+  packer_.write(staging_.data(), arena_.data());
   std::memcpy(header_.data(), staging_.data(), static_cast<size_t>(layout.header_bytes));
   std::memcpy(arena_.data() + layout.table_offset, staging_.data() + layout.header_bytes,
               static_cast<size_t>(layout.table_bytes));

@@ -80,8 +80,8 @@ class KernelBatchPacker {
   explicit KernelBatchPacker(int64_t arena_bytes);
 
   Layout plan(const ImageView* images, int64_t n, const PreprocessParams& params, OutputDType dtype);
-  // Writes header + new tables to `staging`; descriptors point to `header_device` and `arena_device`.
-  void write(uint8_t* staging, const uint8_t* header_device, const uint8_t* arena_device) const;
+  // Writes header + new tables to `staging`; the descriptors point into the arena at `arena_device`.
+  void write(uint8_t* staging, const uint8_t* arena_device) const;
   void forget();
 
   const Layout& layout() const { return layout_; }

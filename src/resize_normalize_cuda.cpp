@@ -128,7 +128,7 @@ void ResizeNormalizeCuda::enqueue(const ImageView* device_images, int64_t n, con
     if (grow_header) Impl::reallocate_device(&s.header, &s.header_bytes, layout.header_bytes);
     // Only a recycled arena grows (KernelBatchPacker): nothing in the old one is needed any more.
     if (grow_arena) Impl::reallocate_device(&s.arena, &s.arena_bytes, layout.arena_bytes);
-    s.packer.write(st.data, s.header, s.arena);
+    s.packer.write(st.data, s.arena);
     // On another stream than the previous call's, the copies into the header (and a recycled
     // arena) wait for the previous kernel; on the same stream, stream order does it.
     if (s.kernel_recorded && stream != s.last_stream) {

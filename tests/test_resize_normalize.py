@@ -150,10 +150,10 @@ def test_threads_do_not_change_results():
 def test_longest_pads_with_fill():
     rng = np.random.default_rng(3)
     spec = nf.PreprocessSpec(size=224, resize_mode="longest", fill=77)
-    for h, w in ((100, 300), (300, 100), (50, 60), (3, 1000)):
-        a = noise(rng, h, w, 3)
+    for (h, w), channels in itertools.product(((100, 300), (300, 100), (50, 60), (3, 1000)), (3, 1)):
+        a = noise(rng, h, w, channels)
         out = run_cpu(spec, [a])[0]
-        assert_exact(spec, out, Image.fromarray(a), f"longest fill {h}x{w}")
+        assert_exact(spec, out, Image.fromarray(a), f"longest fill {h}x{w}x{channels}")
         assert levels_of(spec, out)[:, 0, 0].tolist() == [77, 77, 77]  # every case pads the top-left corner
 
 

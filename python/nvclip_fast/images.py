@@ -62,17 +62,24 @@ def _check_shape(shape: tuple[int, ...], index: int) -> int:
     return channels
 
 
+def _packed(x: Any, index: int, strides: Any, contiguous: Any) -> Any:
+    """x (numpy array or CUDA tensor) as (H, W) gray or (H, W, 3) RGB with packed pixels: alpha
+    dropped, a single channel squeezed, copied when channels or pixels are not packed."""
+    channels = _check_shape(tuple(x.shape), index)
+    if channels == _ALPHA_CHANNELS:
+        x = x[:, :, :3]
+    elif x.ndim == 3 and channels == 1:
+        x = x[:, :, 0]
+    c = 1 if x.ndim == 2 else 3
+    s = strides(x)  # in bytes (= elements for uint8)
+    packed = s[1] == c and (x.ndim == 2 or s[2] == 1) and s[0] >= x.shape[1] * c
+    return x if packed else contiguous(x)
+
+
 def _from_array(a: np.ndarray, index: int) -> np.ndarray:
     if a.dtype != np.uint8:
         raise ValueError(f"images[{index}]: expected uint8 pixels, got {a.dtype}")
-    channels = _check_shape(a.shape, index)
-    if channels == _ALPHA_CHANNELS:
-        a = a[:, :, :3]
-    elif a.ndim == 3 and channels == 1:
-        a = a[:, :, 0]
-    c = 1 if a.ndim == 2 else 3
-    packed = a.strides[1] == c and (a.ndim == 2 or a.strides[2] == 1) and a.strides[0] >= a.shape[1] * c
-    return a if packed else np.ascontiguousarray(a)
+    return _packed(a, index, lambda x: x.strides, np.ascontiguousarray)
 
 
 def _from_pil(image: Any, index: int) -> np.ndarray:
@@ -104,14 +111,7 @@ def _from_tensor(t: Any, index: int) -> Any:
     if t.dtype != torch.uint8:
         raise ValueError(f"images[{index}]: expected uint8 pixels, got {t.dtype}")
     if t.is_cuda:
-        channels = _check_shape(tuple(t.shape), index)
-        if channels == _ALPHA_CHANNELS:
-            t = t[:, :, :3]
-        elif t.ndim == 3 and channels == 1:
-            t = t[:, :, 0]
-        c = 1 if t.ndim == 2 else 3
-        packed = t.stride(1) == c and (t.ndim == 2 or t.stride(2) == 1) and t.stride(0) >= t.shape[1] * c
-        return t if packed else t.contiguous()
+        return _packed(t, index, lambda x: x.stride(), lambda x: x.contiguous())
     return _from_array(t.detach().numpy(), index)
 
 
