@@ -54,6 +54,7 @@ def pass_order_for_pillow(version: str) -> str:
     return "pillow12.1"
 
 
+@functools.cache
 def default_pass_order() -> str:
     """The installed Pillow's pass order (Pillow 13's when Pillow is absent)."""
     try:
