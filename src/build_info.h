@@ -13,7 +13,7 @@ struct BuildInfo {
   bool tensorrt = false;
   std::string tensorrt_version;  // version of the headers compiled against; "" without TensorRT
   std::string compiler;
-  std::string cpu_simd;  // SIMD level the CPU kernels were compiled for
+  std::string cpu_simd;  // SIMD level the CPU kernels run with here (simd.h: baseline or AVX2 clone)
 };
 
 BuildInfo build_info();

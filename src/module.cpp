@@ -7,4 +7,5 @@ PYBIND11_MODULE(_C, m) {
   nvclip::bind_build_info(m);
   nvclip::bind_engine(m);
   nvclip::bind_batch_queue(m);
+  nvclip::bind_resize_normalize(m);
 }

@@ -6,13 +6,24 @@ from typing import TYPE_CHECKING, Any
 
 from . import _C
 from ._C import EngineError
+from .images import decode_image
+from .preprocess import PreprocessSpec, preprocess
 
 if TYPE_CHECKING:
     from .exporter import export
 
 __version__ = "0.1.0"
 
-__all__ = ["EngineError", "__version__", "build_info", "cuda_available", "export"]
+__all__ = [
+    "EngineError",
+    "PreprocessSpec",
+    "__version__",
+    "build_info",
+    "cuda_available",
+    "decode_image",
+    "export",
+    "preprocess",
+]
 
 
 def build_info() -> dict[str, Any]:

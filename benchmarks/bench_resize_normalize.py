@@ -1,0 +1,209 @@
+"""resize_normalize throughput: the same decoded photos (scikit-image's RGB samples, 300-640 px)
+through ours and through the peers, to 336 px (NVCLIP-336's input), float32.
+
+    pytest benchmarks/bench_resize_normalize.py --benchmark-columns=mean,stddev,rounds
+
+CPU: ours at 1 thread and at all threads, open_clip's Pillow pipeline (PIL image -> transform),
+torchvision's tensor transform (uint8 tensor -> v2 Resize/CenterCrop/ToDtype/Normalize); the peers
+run with torch at 1 thread. GPU (marked gpu): the kernel with the images already on the device,
+the kernel fed from pinned host memory with the copies overlapped (vs the copies alone), and
+torchvision's tensor transform on the GPU. ``extra_info["images_per_s"]`` carries the throughput.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import nvclip_fast as nf
+from nvclip_fast import _C
+from preprocess_reference import bench_photos, open_clip_transform
+
+SPEC = nf.PreprocessSpec(size=336)
+CPU_BATCH_REPEATS = 8  # 5 photos x 8 = 40 images per call
+GPU_BATCH_REPEATS = 40  # 200 images per call
+GPU_CHUNK = 20  # images per copy/kernel step of the pinned-memory pipeline
+ROUNDS = 10
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[np.ndarray]:
+    return bench_photos() * CPU_BATCH_REPEATS
+
+
+def measure(benchmark, fn, images: int, rounds: int = ROUNDS) -> None:
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
+    benchmark.extra_info["images"] = images
+    benchmark.extra_info["images_per_s"] = round(images / benchmark.stats.stats.mean, 1)
+
+
+@pytest.fixture
+def torch_one_thread():
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield torch
+    torch.set_num_threads(threads)
+
+
+def torchvision_transform(torch):
+    from torchvision.transforms import InterpolationMode, v2
+
+    return v2.Compose(
+        [
+            v2.Resize(SPEC.size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(SPEC.size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(SPEC.mean), std=list(SPEC.std)),
+        ]
+    )
+
+
+# ---- CPU ------------------------------------------------------------------------------------
+
+
+@pytest.mark.benchmark(group="resize_normalize cpu")
+def test_ours_cpu_1_thread(benchmark, photos):
+    out = np.empty((len(photos), 3, SPEC.size, SPEC.size), np.float32)
+    measure(benchmark, lambda: nf.preprocess(photos, SPEC, threads=1, out=out), len(photos))
+
+
+@pytest.mark.benchmark(group="resize_normalize cpu")
+def test_ours_cpu_all_threads(benchmark, photos):
+    out = np.empty((len(photos), 3, SPEC.size, SPEC.size), np.float32)
+    measure(benchmark, lambda: nf.preprocess(photos, SPEC, threads=None, out=out), len(photos))
+    benchmark.extra_info["threads"] = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    )
+
+
+@pytest.mark.benchmark(group="resize_normalize cpu")
+def test_open_clip_pillow_pipeline(benchmark, photos, torch_one_thread):
+    transform = open_clip_transform(SPEC)
+    images = [Image.fromarray(a) for a in photos]
+    measure(benchmark, lambda: [transform(im) for im in images], len(photos), rounds=3)
+
+
+@pytest.mark.benchmark(group="resize_normalize cpu")
+def test_torchvision_tensor_cpu(benchmark, photos, torch_one_thread):
+    torch = torch_one_thread
+    transform = torchvision_transform(torch)
+    tensors = [torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in photos]
+    measure(benchmark, lambda: [transform(t) for t in tensors], len(photos), rounds=3)
+
+
+# ---- GPU ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpu_photos():
+    torch = pytest.importorskip("torch")
+    return [torch.from_numpy(a).cuda() for a in bench_photos() * GPU_BATCH_REPEATS]
+
+
+def _views(tensors):
+    return [(t.data_ptr(), t.shape[0], t.shape[1], t.shape[2], t.stride(0)) for t in tensors]
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="resize_normalize gpu")
+def test_ours_cuda_device_inputs(benchmark, gpu_photos):
+    import torch
+
+    runner = _C.ResizeNormalizeCuda()
+    views = _views(gpu_photos)
+    out = torch.empty((len(views), 3, SPEC.size, SPEC.size), device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def step():
+        runner.enqueue(views, SPEC._params, _C.OutputDType.float32, out.data_ptr(), stream)
+        torch.cuda.synchronize()
+
+    measure(benchmark, step, len(views), rounds=50)
+
+
+@pytest.fixture(scope="module")
+def pinned_batch(gpu_photos):
+    """The photos packed back to back in pinned host memory and in a device buffer of that size."""
+    import torch
+
+    sizes = [t.numel() for t in gpu_photos]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    host = torch.empty(int(offsets[-1]), dtype=torch.uint8).pin_memory()
+    for t, o in zip(gpu_photos, offsets[:-1], strict=True):
+        host[int(o) : int(o) + t.numel()].copy_(t.flatten().cpu())
+    device = torch.empty_like(host, device="cuda")
+    shapes = [tuple(t.shape) for t in gpu_photos]
+    return host, device, offsets, shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="resize_normalize gpu")
+def test_h2d_copy_only(benchmark, pinned_batch):
+    import torch
+
+    host, device, _, shapes = pinned_batch
+
+    def step():
+        device.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+
+    measure(benchmark, step, len(shapes), rounds=30)
+    benchmark.extra_info["GB_per_s"] = round(host.numel() / benchmark.stats.stats.mean / 1e9, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="resize_normalize gpu")
+def test_ours_cuda_from_pinned_host(benchmark, pinned_batch):
+    # The batch queue's path: chunks copied on one stream, each chunk's kernel on another after its
+    # copy, so that copies and kernels overlap.
+    import torch
+
+    host, device, offsets, shapes = pinned_batch
+    runner = _C.ResizeNormalizeCuda()
+    copy_stream, compute_stream = torch.cuda.Stream(), torch.cuda.Stream()
+    out = torch.empty((len(shapes), 3, SPEC.size, SPEC.size), device="cuda")
+    base = device.data_ptr()
+    views = [(base + int(o), h, w, c, w * c) for o, (h, w, c) in zip(offsets[:-1], shapes, strict=True)]
+    plane = 3 * SPEC.size * SPEC.size * 4
+    chunks = range(0, len(shapes), GPU_CHUNK)
+
+    def step():
+        events = []
+        for start in chunks:
+            lo, hi = int(offsets[start]), int(offsets[min(start + GPU_CHUNK, len(shapes))])
+            with torch.cuda.stream(copy_stream):
+                device[lo:hi].copy_(host[lo:hi], non_blocking=True)
+                events.append(copy_stream.record_event())
+        for start, event in zip(chunks, events, strict=True):
+            compute_stream.wait_event(event)
+            part = views[start : start + GPU_CHUNK]
+            runner.enqueue(
+                part,
+                SPEC._params,
+                _C.OutputDType.float32,
+                out.data_ptr() + start * plane,
+                compute_stream.cuda_stream,
+            )
+        torch.cuda.synchronize()
+
+    measure(benchmark, step, len(shapes), rounds=30)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="resize_normalize gpu")
+def test_torchvision_tensor_cuda(benchmark, gpu_photos):
+    import torch
+
+    transform = torchvision_transform(torch)
+    tensors = [t.permute(2, 0, 1) for t in gpu_photos]
+
+    def step():
+        for t in tensors:
+            transform(t)
+        torch.cuda.synchronize()
+
+    measure(benchmark, step, len(tensors), rounds=5)

@@ -1,0 +1,389 @@
+"""nvclip_fast.preprocess and PreprocessSpec: every accepted input kind, the errors, out=, and the
+measured difference for PIL modes that open_clip resizes in their own mode."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import nvclip_fast as nf
+from nvclip_fast import _C
+from nvclip_fast.preprocess import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, pass_order_for_pillow
+from preprocess_reference import SKIMAGE_DATA, assert_exact, levels_of, noise, photos, reference
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SPEC = nf.PreprocessSpec(size=224)
+
+
+@pytest.fixture(scope="module")
+def rgb() -> np.ndarray:
+    return noise(np.random.default_rng(10), 97, 131, 3)
+
+
+@pytest.fixture(scope="module")
+def expected(rgb) -> np.ndarray:
+    return nf.preprocess([rgb], SPEC)[0]
+
+
+# ---- PreprocessSpec -------------------------------------------------------------------------
+
+
+def test_spec_defaults_are_open_clips():
+    from open_clip.transform import PreprocessCfg
+
+    cfg = PreprocessCfg()
+    spec = nf.PreprocessSpec(size=cfg.size)
+    assert (spec.mean, spec.std) == (tuple(cfg.mean), tuple(cfg.std))
+    assert (spec.interpolation, spec.resize_mode, spec.fill) == (
+        cfg.interpolation,
+        cfg.resize_mode,
+        cfg.fill_color,
+    )
+    assert (spec.mean, spec.std) == (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+
+
+def test_spec_from_sidecar_dict():
+    sidecar = json.loads(
+        '{"preprocess": {"size": 336, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],'
+        ' "interpolation": "bilinear", "resize_mode": "squash", "fill": 0}}'
+    )
+    spec = nf.PreprocessSpec(**sidecar["preprocess"])
+    assert spec.mean == (0.5, 0.5, 0.5)
+    assert spec.size == 336
+    assert spec.resize_mode == "squash"
+    assert hash(spec) == hash(nf.PreprocessSpec(**sidecar["preprocess"]))
+
+
+def test_spec_from_open_clip_model_and_cfg():
+    from open_clip.transform import PreprocessCfg
+
+    class Visual:
+        preprocess_cfg = {  # noqa: RUF012  (what open_clip stores on model.visual)
+            "size": (336, 336),
+            "mode": "RGB",
+            "mean": (0.485, 0.456, 0.406),
+            "std": (0.229, 0.224, 0.225),
+            "interpolation": "bilinear",
+            "resize_mode": "squash",
+            "fill_color": 0,
+        }
+
+    class Model:
+        visual = Visual()
+
+    spec = nf.PreprocessSpec.from_open_clip(Model())
+    assert spec == nf.PreprocessSpec(
+        size=336,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        interpolation="bilinear",
+        resize_mode="squash",
+    )
+    assert nf.PreprocessSpec.from_open_clip(PreprocessCfg(size=224)) == nf.PreprocessSpec(size=224)
+    assert nf.PreprocessSpec.from_open_clip({"size": 224}, pass_order="pillow12.1").pass_order == "pillow12.1"
+    with pytest.raises(ValueError, match="only square"):
+        nf.PreprocessSpec.from_open_clip({"size": (224, 336)})
+
+
+def test_spec_from_real_open_clip_model():
+    open_clip = pytest.importorskip("open_clip")
+    model = open_clip.create_model("RN50", pretrained=None)  # random weights, no download
+    spec = nf.PreprocessSpec.from_open_clip(model)
+    assert spec == nf.PreprocessSpec(size=224)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"size": 0}, "size must be a positive int"),
+        ({"size": 224.0}, "size must be a positive int"),
+        ({"size": 224, "mean": (0.5, 0.5)}, "mean must have 3 values"),
+        ({"size": 224, "std": (0.5, 0.0, 0.5)}, "std must be non-zero"),
+        ({"size": 224, "std": (0.5, float("nan"), 0.5)}, "std must be finite"),
+        ({"size": 224, "interpolation": "lanczos"}, "interpolation must be one of"),
+        ({"size": 224, "resize_mode": "crop"}, "resize_mode must be one of"),
+        ({"size": 224, "fill": 256}, "fill must be in 0..255"),
+        ({"size": 224, "pass_order": "pillow9"}, "pass_order must be one of"),
+    ],
+)
+def test_spec_rejects_bad_fields(fields, message):
+    with pytest.raises(ValueError, match=message):
+        nf.PreprocessSpec(**fields)
+
+
+def test_scalar_mean_std_like_open_clip():
+    assert nf.PreprocessSpec(size=8, mean=0.5, std=0.25).std == (0.25, 0.25, 0.25)
+
+
+def test_pass_order_follows_pillow_version():
+    import PIL
+
+    assert pass_order_for_pillow("13.0.0") == "pillow13"
+    assert pass_order_for_pillow("13.1.0.dev0") == "pillow13"
+    assert pass_order_for_pillow("12.3.0") == "pillow12.2"
+    assert pass_order_for_pillow("12.2.0") == "pillow12.2"
+    assert pass_order_for_pillow("12.1.1") == "pillow12.1"
+    assert pass_order_for_pillow("10.4.0") == "pillow12.1"
+    assert nf.PreprocessSpec(size=8).pass_order == pass_order_for_pillow(PIL.__version__)
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+
+def test_every_input_kind_gives_the_same_pixels(rgb, expected, tmp_path):
+    torch = pytest.importorskip("torch")
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, format="PNG")
+    path = tmp_path / "image.png"
+    path.write_bytes(png.getvalue())
+    padded = np.zeros((rgb.shape[0], rgb.shape[1] + 5, 3), np.uint8)
+    padded[:, : rgb.shape[1]] = rgb
+    rgba = np.dstack(
+        [rgb, np.full(rgb.shape[:2], 9, np.uint8)]
+    )  # alpha is dropped, as by PIL's convert("RGB")
+    kinds = {
+        "numpy": rgb,
+        "numpy rows padded": padded[:, : rgb.shape[1]],
+        "numpy non-contiguous": np.ascontiguousarray(rgb[::-1, ::-1])[::-1, ::-1],
+        "numpy RGBA": rgba,
+        "PIL RGB": Image.fromarray(rgb),
+        "PIL RGBA opaque": Image.fromarray(rgb).convert("RGBA"),  # premultiplying by 255 changes nothing
+        "path str": str(path),
+        "path Path": path,
+        "bytes": png.getvalue(),
+        "bytearray": bytearray(png.getvalue()),
+        "torch CPU": torch.from_numpy(rgb),
+        "torch CPU transposed view": torch.from_numpy(np.ascontiguousarray(rgb.transpose(1, 0, 2))).permute(
+            1, 0, 2
+        ),
+    }
+    out = nf.preprocess(list(kinds.values()), SPEC)
+    for (name, _), got in zip(kinds.items(), out, strict=True):
+        assert np.array_equal(got, expected), name
+
+
+def test_gray_inputs_equal_open_clip_on_L_images():
+    gray = noise(np.random.default_rng(11), 150, 90, 1)
+    kinds = [gray, gray[:, :, None], Image.fromarray(gray), np.ascontiguousarray(gray.T).T]
+    out = nf.preprocess(kinds, SPEC)
+    for got in out:
+        assert_exact(SPEC, got, Image.fromarray(gray), "gray")
+
+
+def test_batch_array_and_tuple(rgb, expected):
+    out = nf.preprocess(np.stack([rgb, rgb]), SPEC)
+    assert np.array_equal(out[1], expected)
+    assert np.array_equal(nf.preprocess((rgb,), SPEC)[0], expected)
+    assert nf.preprocess([], SPEC).shape == (0, 3, 224, 224)
+
+
+def test_files_decode_as_open_clip_opens_them():
+    # JPEG (rocket.jpg, hubble_deep_field.jpg), gray PNG (camera.png): transform(Image.open(f)) exactly.
+    spec = nf.PreprocessSpec(size=336)
+    files = [SKIMAGE_DATA / n for n in ("rocket.jpg", "hubble_deep_field.jpg", "camera.png")]
+    out = nf.preprocess(files, spec)
+    for f, got in zip(files, out, strict=True):
+        with Image.open(f) as image:
+            assert_exact(spec, got, image, f.name)
+
+
+def test_out_equals_allocating_form(rgb, expected):
+    out = np.full((2, 3, 224, 224), np.nan, np.float32)
+    result = nf.preprocess([rgb, rgb], SPEC, out=out)
+    assert result is out
+    assert np.array_equal(out[0], expected)
+    assert np.array_equal(out[1], expected)
+    out16 = np.empty((1, 3, 224, 224), np.float16)
+    assert np.array_equal(
+        nf.preprocess([rgb], SPEC, dtype="float16", out=out16)[0], expected.astype(np.float16)
+    )
+
+
+def test_torch_is_not_imported_for_numpy_inputs():
+    code = (
+        "import sys, numpy as np, nvclip_fast as nf\n"
+        "nf.preprocess([np.zeros((5, 7, 3), np.uint8), sys.argv[1]], nf.PreprocessSpec(size=8))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    png = str(SKIMAGE_DATA / "camera.png")
+    result = subprocess.run([sys.executable, "-c", code, png], check=True, capture_output=True, text=True)
+    assert result.stdout.strip() == "False"
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        (np.zeros((5, 5, 3), np.float32), ValueError, r"images\[1\]: expected uint8 pixels, got float32"),
+        (np.zeros((5, 5, 5), np.uint8), ValueError, r"images\[1\]: expected 1, 3 or 4 channels, got 5"),
+        (
+            np.zeros((5, 5, 3, 1), np.uint8),
+            ValueError,
+            r"images\[1\]: expected an \(H, W\) or \(H, W, C\) image",
+        ),
+        (np.zeros((0, 5, 3), np.uint8), ValueError, r"images\[1\]: image is empty \(0x5\)"),
+        (np.zeros((5, 0), np.uint8), ValueError, r"images\[1\]: image is empty \(5x0\)"),
+        (b"not an image", ValueError, r"images\[1\]: cannot decode 12 bytes of image data"),
+        (
+            "/nonexistent/image.jpg",
+            ValueError,
+            r"images\[1\]: cannot decode image file '/nonexistent/image.jpg'",
+        ),
+        (42, TypeError, r"images\[1\]: unsupported image type int"),
+        (Image.new("La", (4, 4)), ValueError, r"images\[1\]: cannot convert a 'La' image to RGB"),
+    ],
+)
+def test_bad_items_name_their_index(bad, error, message):
+    with pytest.raises(error, match=message):
+        nf.preprocess([np.zeros((4, 4, 3), np.uint8), bad], SPEC)
+
+
+def test_truncated_jpeg_names_its_index():
+    with open(SKIMAGE_DATA / "rocket.jpg", "rb") as f:
+        data = f.read()
+    with pytest.raises(ValueError, match=r"images\[0\]: cannot decode"):
+        nf.preprocess([data[: len(data) // 2]], SPEC)
+
+
+def test_bad_torch_tensor_names_its_index():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=r"images\[0\]: expected uint8 pixels, got torch.float32"):
+        nf.preprocess([torch.zeros(4, 4, 3)], SPEC)
+
+
+def test_decode_image_errors_can_be_collected_per_item():
+    items = [np.zeros((4, 4, 3), np.uint8), b"junk", np.zeros((4, 4), np.float64), np.zeros((6, 6), np.uint8)]
+    good, errors = [], {}
+    for i, item in enumerate(items):
+        try:
+            good.append(nf.decode_image(item, i))
+        except (ValueError, TypeError) as e:
+            errors[i] = str(e)
+    assert [g.shape for g in good] == [(4, 4, 3), (6, 6)]
+    assert sorted(errors) == [1, 2]
+    assert errors[2].startswith("images[2]: expected uint8")
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (np.zeros((5, 5, 3), np.uint8), r"an array of shape \(5, 5, 3\) is not a batch"),
+        ("image.jpg", "images must be a sequence of images, got str"),
+        (b"\x89PNG", "images must be a sequence of images, got bytes"),
+        (Image.new("RGB", (4, 4)), "images must be a sequence of images, got Image"),
+        (7, "images must be a sequence of images, got int"),
+    ],
+)
+def test_single_image_is_not_a_batch(images, message):
+    with pytest.raises(TypeError, match=message):
+        nf.preprocess(images, SPEC)
+
+
+def test_bad_arguments(rgb):
+    with pytest.raises(ValueError, match="threads must be None"):
+        nf.preprocess([rgb], SPEC, threads=0)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        nf.preprocess([rgb], SPEC, dtype="int8")
+    with pytest.raises(TypeError, match="spec must be a PreprocessSpec"):
+        nf.preprocess([rgb], {"size": 224})
+    with pytest.raises(ValueError, match=r"out must have shape \(1, 3, 224, 224\) and dtype float32"):
+        nf.preprocess([rgb], SPEC, out=np.empty((1, 3, 224, 223), np.float32))
+    with pytest.raises(ValueError, match="out must have shape"):
+        nf.preprocess([rgb], SPEC, out=np.empty((1, 3, 224, 224), np.float64))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        nf.preprocess([rgb], SPEC, out=np.empty((1, 3, 224, 448), np.float32)[..., ::2])
+    with pytest.raises(ValueError, match="device must be 'cpu' or a CUDA device"):
+        nf.preprocess([rgb], SPEC, device="mps")
+    if not nf.cuda_available():
+        with pytest.raises(nf.EngineError, match="CUDA"):
+            nf.preprocess([rgb], SPEC, device="cuda")
+
+
+def test_native_layer_refuses_what_it_cannot_read():
+    # preprocess() always passes packed arrays; the binding still checks, so that no layout can make
+    # native code read out of bounds.
+    params, f32 = SPEC._params, _C.OutputDType.float32
+    out = np.empty((1, 3, 224, 224), np.float32)
+    cases = [
+        (np.zeros((4, 4, 3), np.uint8)[:, ::2], "pixels must be packed"),
+        (np.zeros((4, 4, 3), np.uint8)[::-1], "row stride -12 is smaller than a row"),
+        (np.zeros((4, 4, 2), np.uint8), r"expected 1 \(gray\) or 3 \(RGB\) channels, got 2"),
+        (np.zeros((4, 4, 3), np.int8), "expected uint8 pixels"),
+        (np.zeros((0, 4, 3), np.uint8), r"image is empty \(0x4\)"),
+    ]
+    for array, message in cases:
+        with pytest.raises(ValueError, match=r"images\[0\]: " + message):
+            _C.resize_normalize([array], params, f32, out, 1)
+    with pytest.raises(ValueError, match=r"out: expected shape \(2, 3, 224, 224\)"):
+        _C.resize_normalize([np.zeros((4, 4, 3), np.uint8)] * 2, params, f32, out, 1)
+
+
+# ---- PIL modes open_clip resizes in their own mode ------------------------------------------
+
+
+def _mode_inputs() -> dict[str, list[Image.Image]]:
+    ph = photos()
+    astronaut, coffee = Image.fromarray(ph["astronaut"]), Image.fromarray(ph["coffee"])
+    h, w = ph["astronaut"].shape[:2]
+    ramp = np.linspace(0, 255, w).astype(np.uint8)[None, :].repeat(h, 0)
+    return {
+        "RGBA, opaque": [astronaut.convert("RGBA"), Image.open(SKIMAGE_DATA / "logo.png")],
+        "RGBA, varying alpha": [Image.fromarray(np.dstack([ph["astronaut"], ramp]))],
+        "LA, varying alpha": [Image.fromarray(np.dstack([ph["camera"], ramp]), "LA")],
+        "P (palette)": [
+            astronaut.quantize(256),
+            coffee.quantize(256),
+            Image.open(SKIMAGE_DATA / "no_time_for_that_tiny.gif"),
+        ],
+        "1 (bilevel)": [astronaut.convert("1")],
+        "CMYK": [astronaut.convert("CMYK"), coffee.convert("CMYK")],
+        "YCbCr": [astronaut.convert("YCbCr")],
+        "I;16": [Image.fromarray(ph["camera"].astype(np.uint16) * 257)],
+    }
+
+
+def _documented_mode_differences() -> dict[str, tuple[int, float]]:
+    """README's table: mode -> (max |difference| in uint8 levels, % of values that differ)."""
+    rows = re.findall(r"^\| (.+?) \| .+? \| (\d+) \| ([\d.]+)% \|$", README.read_text(), flags=re.MULTILINE)
+    return {mode: (int(level), float(percent)) for mode, level, percent in rows}
+
+
+def test_other_pil_modes_differ_as_documented():
+    # ours: convert("RGB") first, then resize; open_clip: resize in the image's mode, then convert.
+    # Measured on these images with two configurations; README.md's table must state the result.
+    documented = _documented_mode_differences()
+    specs = (
+        nf.PreprocessSpec(size=224),
+        nf.PreprocessSpec(size=336, resize_mode="squash", interpolation="bilinear"),
+    )
+    measured = {}
+    for mode, images in _mode_inputs().items():
+        diffs = []
+        for spec in specs:
+            ours = nf.preprocess(images, spec)
+            for image, got in zip(images, ours, strict=True):
+                diffs.append(
+                    np.abs(levels_of(spec, got).astype(np.int32) - reference(spec, image)[0]).ravel()
+                )
+        d = np.concatenate(diffs)
+        measured[mode] = (int(d.max()), round(100 * np.count_nonzero(d) / d.size, 3))
+    assert set(documented) == set(measured), (
+        f"README rows {sorted(documented)} vs measured {sorted(measured)}"
+    )
+    for mode, (level, percent) in measured.items():
+        assert documented[mode][0] == level, (
+            f"{mode}: measured max {level}, README says {documented[mode][0]}"
+        )
+        tolerance = max(0.001, 0.05 * percent)  # the README rounds; other Pillow builds may move a pixel
+        assert abs(documented[mode][1] - percent) <= tolerance, f"{mode}: measured {percent}%"
+    assert measured["RGBA, opaque"] == (0, 0.0)  # premultiplying by an alpha of 255 changes nothing
