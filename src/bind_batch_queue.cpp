@@ -144,12 +144,6 @@ void close_all_queues() {
   for (PyBatchQueue* q : g_live_queues) q->queue().close(CloseMode::kCancel);
 }
 
-DeviceKind stage_device(const std::string& name) {
-  if (name == "cpu") return DeviceKind::kCpu;
-  if (name == "cuda") return DeviceKind::kCuda;
-  throw py::value_error("device must be 'cpu' or 'cuda', got '" + name + "'");
-}
-
 py::array request_rows(const std::shared_ptr<Request>& r) {
   std::vector<int64_t> shape = r->output().shape;
   shape[0] = r->size();
@@ -181,7 +175,7 @@ void bind_batch_queue(py::module_& m) {
       "Test stand-in stage: nearest-neighbour squash to size x size, x / 255, gray -> 3 channels. Not open_clip's "
       "transform. An image whose first byte equals fail_marker fails as an item (-1: never).")
       .def(py::init([](int32_t size, const std::string& device, int32_t fail_marker) {
-             return std::make_shared<NearestResizeStage>(size, stage_device(device), fail_marker);
+             return std::make_shared<NearestResizeStage>(size, device_kind_from_name(device), fail_marker);
            }),
            py::arg("size"), py::arg("device") = "cpu", py::arg("fail_marker") = kNoFailMarker);
 

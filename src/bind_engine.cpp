@@ -4,11 +4,14 @@
 #include <pybind11/stl.h>
 #include <pybind11/stl/filesystem.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <filesystem>
 
 #include "bind_util.h"
 #include "bindings.h"
+#include "cuda_util.h"
+#include "engine_runner.h"
 #include "engine.h"
 #if NVCLIP_WITH_TENSORRT
 #include "trt_engine.h"
@@ -104,11 +107,56 @@ class PyEngine : public Engine, public py::trampoline_self_life_support {
   }
 };
 
-DeviceKind device_from_name(const std::string& name) {
-  if (name == "cpu") return DeviceKind::kCpu;
-  if (name == "cuda") return DeviceKind::kCuda;
-  throw py::value_error("device must be 'cpu' or 'cuda', got '" + name + "'");
-}
+// The Python object of an EngineRunner: close() detaches the engine before the object goes away.
+class PyEngineRunner {
+ public:
+  explicit PyEngineRunner(std::shared_ptr<Engine> engine) : runner_(std::make_unique<EngineRunner>(std::move(engine))) {}
+
+  py::dict run(const py::dict& arrays) {
+    if (!runner_) throw EngineError("this EngineRunner is closed");
+    const EngineInfo& io = runner_->engine().info();
+    std::vector<py::array> inputs;
+    int64_t batch = -1;
+    for (const TensorSpec& spec : io.inputs) {
+      if (!arrays.contains(spec.name.c_str())) throw py::value_error("missing input '" + spec.name + "'");
+      py::array a = py::array::ensure(arrays[spec.name.c_str()], py::array::c_style);
+      if (!a || !a.dtype().equal(numpy_dtype(spec.dtype))) {
+        throw py::type_error("input '" + spec.name + "': expected a " + dtype_name(spec.dtype) + " array");
+      }
+      const bool rank_ok = a.ndim() == static_cast<py::ssize_t>(spec.shape.size());
+      if (!rank_ok || !std::equal(spec.shape.begin() + 1, spec.shape.end(), a.shape() + 1)) {
+        throw py::value_error("input '" + spec.name + "': expected shape " + spec.to_string());
+      }
+      if (batch >= 0 && a.shape(0) != batch) throw py::value_error("inputs disagree on the batch size");
+      batch = a.shape(0);
+      inputs.push_back(std::move(a));
+    }
+    py::dict result;
+    std::vector<const void*> in;
+    std::vector<void*> out;
+    for (const auto& a : inputs) in.push_back(a.data());
+    for (const TensorSpec& spec : io.outputs) {
+      std::vector<int64_t> shape = spec.shape;
+      shape[0] = batch;
+      py::array a(numpy_dtype(spec.dtype), std::vector<py::ssize_t>(shape.begin(), shape.end()));
+      out.push_back(a.mutable_data());
+      result[spec.name.c_str()] = a;
+    }
+    {
+      py::gil_scoped_release release;  // a Python engine takes the GIL back for its own call
+      runner_->run(batch, in.data(), out.data());
+    }
+    return result;
+  }
+
+  void close() {
+    py::gil_scoped_release release;
+    runner_.reset();
+  }
+
+ private:
+  std::unique_ptr<EngineRunner> runner_;
+};
 
 #if !NVCLIP_WITH_TENSORRT
 // Without TensorRT headers at build time TrtEngine still exists, so that Encoder("x.plan") fails
@@ -144,7 +192,7 @@ void bind_engine(py::module_& m) {
              info.inputs = std::move(inputs);
              info.outputs = std::move(outputs);
              info.batch = {std::get<0>(batch), std::get<1>(batch), std::get<2>(batch)};
-             info.device = device_from_name(device);
+             info.device = device_kind_from_name(device);
              info.device_index = device_index;
              info.validate();
              return info;
@@ -185,6 +233,23 @@ enqueued on it before returning. The views are valid during the call only.)doc")
              throw EngineError("Engine.enqueue is implemented by subclasses (or by TrtEngine natively)");
            },
            py::arg("batch"), py::arg("inputs"), py::arg("outputs"), py::arg("stream"));
+
+  m.def("cuda_stream_synchronize", [](uintptr_t stream) {
+    py::gil_scoped_release release;
+#if NVCLIP_WITH_CUDA
+    NVCLIP_CUDA_CHECK(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)));
+#else
+    (void)stream;
+    throw EngineError("this nvclip_fast was built without CUDA");
+#endif
+  }, py::arg("stream"), "Wait for a CUDA stream (a cudaStream_t as an int); EngineError on failure.");
+
+  py::class_<PyEngineRunner>(m, "EngineRunner",
+                             "Runs an engine synchronously on numpy arrays, outside any BatchQueue (the text tower).")
+      .def(py::init<std::shared_ptr<Engine>>(), py::arg("engine"))
+      .def("run", &PyEngineRunner::run, py::arg("inputs"),
+           "{input name: array of `batch` rows} -> {output name: array}. batch in [1, profile max].")
+      .def("close", &PyEngineRunner::close, "Release the engine (it may then serve a queue or another runner).");
 
   py::class_<TrtEngine, Engine, py::smart_holder> trt(m, "TrtEngine", "A TensorRT plan run natively (dlopen'ed libnvinfer).");
 #if NVCLIP_WITH_TENSORRT

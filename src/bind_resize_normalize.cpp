@@ -16,6 +16,7 @@
 #include "bindings.h"
 #include "normalize.h"
 #include "resize_normalize.h"
+#include "resize_normalize_stage.h"
 #include "resize_normalize_kernel.h"
 #include "thread_pool.h"
 
@@ -180,6 +181,17 @@ void bind_resize_normalize(py::module_& m) {
         return bits;
       },
       py::arg("values"), "float32 -> float16 bits (round to nearest even), flattened.");
+
+  py::class_<ResizeNormalizeStage, PreprocessStage, py::smart_holder>(
+      m, "ResizeNormalizeStage",
+      "The batch queue's preprocessing: resize_normalize (open_clip's transform, Pillow-exact) into the engine "
+      "input. device 'cpu' runs the CPU twin on `threads` threads (0: every core); 'cuda' the kernel.")
+      .def(py::init([](const PreprocessParams& params, const std::string& device, int threads) {
+             return std::make_shared<ResizeNormalizeStage>(params, device_kind_from_name(device), threads);
+           }),
+           py::arg("params"), py::arg("device") = "cpu", py::arg("threads") = 0)
+      .def_property_readonly("params", &ResizeNormalizeStage::params)
+      .def_property_readonly("threads", &ResizeNormalizeStage::threads);
 
 #if NVCLIP_WITH_CUDA
   py::class_<ResizeNormalizeCuda>(m, "ResizeNormalizeCuda")

@@ -42,6 +42,12 @@ std::string shape_string(const std::vector<int64_t>& shape) {
 
 const char* device_kind_name(DeviceKind kind) { return kind == DeviceKind::kCuda ? "cuda" : "cpu"; }
 
+DeviceKind device_kind_from_name(const std::string& name) {
+  if (name == "cpu") return DeviceKind::kCpu;
+  if (name == "cuda") return DeviceKind::kCuda;
+  throw std::invalid_argument("device must be 'cpu' or 'cuda', got '" + name + "'");
+}
+
 size_t dtype_size(TensorDType dtype) { return entry(dtype).size; }
 
 const char* dtype_name(TensorDType dtype) { return entry(dtype).name; }

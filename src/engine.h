@@ -17,6 +17,8 @@ namespace nvclip {
 enum class DeviceKind : int32_t { kCpu = 0, kCuda = 1 };
 
 const char* device_kind_name(DeviceKind kind);  // "cpu" | "cuda"
+// Inverse of device_kind_name; throws std::invalid_argument naming the value.
+DeviceKind device_kind_from_name(const std::string& name);
 
 // Element types an engine tensor may have. Names follow numpy ("float32", ...).
 enum class TensorDType : int32_t {

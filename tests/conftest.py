@@ -45,6 +45,34 @@ def tensorrt_skip_reason() -> str | None:
     return None
 
 
+VITS32_MAX_BATCH = 8
+
+
+@pytest.fixture(scope="session")
+def vits32(tmp_path_factory):
+    """ViT-S-32 with random weights saved by torch.save and exported once through the CLI (ONNX,
+    fp32, max batch 8), shared by every test that needs a realistic 224 px model:
+    (path of vits.onnx, path of the checkpoint)."""
+    import tiny_models
+    from nvclip_fast import cli
+
+    tmp = tmp_path_factory.mktemp("vits32")
+    checkpoint = tiny_models.save_checkpoint(tiny_models.random_model("ViT-S-32", seed=5), tmp / "vits32.pt")
+    out = tmp / "out" / "vits.onnx"
+    argv = [
+        "export",
+        "ViT-S-32",
+        "-o",
+        str(out),
+        "--weights",
+        str(checkpoint),
+        "--max-batch",
+        str(VITS32_MAX_BATCH),
+    ]
+    assert cli.main(argv) == cli.EXIT_OK
+    return out, checkpoint
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if "gpu" in item.keywords and (reason := gpu_skip_reason()):

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _C
 from ._C import EngineError
+from .encoder import Encoder, ItemError
 from .images import decode_image
 from .preprocess import PreprocessSpec, preprocess
 
@@ -15,7 +16,9 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "Encoder",
     "EngineError",
+    "ItemError",
     "PreprocessSpec",
     "__version__",
     "build_info",

@@ -1,0 +1,600 @@
+"""``Encoder``: images and text in, CLIP embeddings out, over TensorRT, ONNX Runtime or PyTorch.
+
+Images go through the native ``BatchQueue``: every caller's images are copied into one staging
+ring, batched together (up to ``max_batch`` images or ``max_delay_ms``), preprocessed by
+``resize_normalize`` straight into the engine's input and run on one of ``streams`` slots. Text is
+tokenized in Python (no torch needed) and run on the text tower synchronously.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _C, metadata
+from ._C import EngineError
+from .images import as_host_pixels, decode_image, is_pil_image, is_torch_tensor
+from .preprocess import PreprocessSpec
+from .tokenizer import CLIP_BPE_KIND, DEFAULT_CONTEXT_LENGTH, Tokenizer, load_tokenizer
+
+ON_ERROR = ("raise", "nan")
+OUTPUTS = ("numpy", "torch")
+PLAN_SUFFIX = ".plan"
+ONNX_SUFFIX = ".onnx"
+SIDECAR_SUFFIX = ".json"
+TEXT_STEM_SUFFIX = ".text"  # vith.plan -> vith.text.plan (the exporter's bundle layout)
+MIB = 1 << 20
+# Host staging ring: CPU engines need little (a batch of decoded images); CUDA engines keep
+# several batches in flight (streams x max_batch x image bytes, plus room to queue the next).
+DEFAULT_STAGING_MB = {"cpu": 64, "cuda": 256}
+# embed() decodes and submits this many batches' worth of images at a time, so a long list of
+# files never holds more than that many decoded images at once.
+CHUNK_BATCHES = 4
+
+
+class ItemError(ValueError):
+    """An image that could not be embedded: ``index`` in the caller's list and ``reason``."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(reason if reason.startswith(f"images[{index}]") else f"images[{index}]: {reason}")
+        self.index = index
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class _Towers:
+    """What an Encoder runs: engines, preprocessing and tokenizer, from a bundle or a model."""
+
+    image: _C.Engine
+    text: _C.Engine | None
+    spec: PreprocessSpec
+    tokenizer: Callable[[], Tokenizer] | None
+    embed_dim: int
+    name: str
+    logit_scale: float | None = None
+    logit_bias: float | None = None
+    meta: metadata.Metadata | None = None
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` -> (kind, index); auto stays ``"auto"``."""
+    if device in ("auto", "cpu"):
+        return device, 0
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and (index == "" or index.isdigit()):
+        return "cuda", int(index or 0)
+    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def _check_cuda(index: int) -> None:
+    count = _C.cuda_device_count()
+    if count == 0:
+        raise EngineError(
+            f"device 'cuda:{index}' requested but no CUDA device is usable: {_C.cuda_unavailable_reason()}"
+        )
+    if index >= count:
+        raise EngineError(f"device 'cuda:{index}' requested but only {count} CUDA device(s) are visible")
+
+
+def _sibling(path: Path, suffix: str, text: bool = False) -> Path:
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    if stem.endswith(TEXT_STEM_SUFFIX):
+        stem = stem[: -len(TEXT_STEM_SUFFIX)]
+    return path.with_name(stem + (TEXT_STEM_SUFFIX if text else "") + suffix)
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return x / norms
+
+
+class Encoder:
+    """CLIP embeddings of images and text.
+
+    ``Encoder("vith.plan")`` runs a TensorRT plan on the GPU; ``Encoder("vith.onnx", device="cpu")``
+    ONNX Runtime; ``Encoder.from_open_clip(...)`` the open_clip model in PyTorch. The sidecar
+    (``vith.json``) is found by stem; without one the input size is read from the engine and
+    open_clip's default preprocessing is used, with a warning.
+
+    Thread-safe: any number of threads may call :meth:`embed` / :meth:`submit` at once, and their
+    images are batched together.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        max_batch: int | None = None,
+        max_delay_ms: float = 2.0,
+        streams: int = 2,
+        staging_mb: int | None = None,
+        threads: int | None = None,
+    ):
+        kind, index = parse_device(device)
+        towers = _load_bundle(Path(path), kind, index, threads)
+        self._start(
+            towers,
+            max_batch=max_batch,
+            max_delay_ms=max_delay_ms,
+            streams=streams,
+            staging_mb=staging_mb,
+            threads=threads,
+        )
+
+    @classmethod
+    def from_open_clip(
+        cls,
+        model: str,
+        *,
+        weights: str | os.PathLike[str] | None = None,
+        pretrained: str | None = None,
+        random_weights: bool = False,
+        image_size: int | None = None,
+        device: str = "auto",
+        precision: str = "fp32",
+        max_batch: int | None = None,
+        max_delay_ms: float = 2.0,
+        streams: int = 2,
+        staging_mb: int | None = None,
+        threads: int | None = None,
+    ) -> Encoder:
+        """An open_clip model run in PyTorch (GPU without TensorRT, or CPU): exactly one of
+        ``weights`` (a checkpoint), ``pretrained`` (an open_clip tag) or ``random_weights``."""
+        kind, index = parse_device(device)
+        if kind == "auto":
+            kind = "cuda" if _C.cuda_device_count() > 0 else "cpu"
+        towers = _load_open_clip(
+            model,
+            weights=weights,
+            pretrained=pretrained,
+            random_weights=random_weights,
+            image_size=image_size,
+            device=kind,
+            index=index,
+            precision=precision,
+            max_batch=max_batch,
+        )
+        encoder = cls.__new__(cls)
+        encoder._start(
+            towers,
+            max_batch=max_batch,
+            max_delay_ms=max_delay_ms,
+            streams=streams,
+            staging_mb=staging_mb,
+            threads=threads,
+        )
+        return encoder
+
+    @classmethod
+    def from_engine(
+        cls,
+        image: _C.Engine,
+        spec: PreprocessSpec,
+        *,
+        text: _C.Engine | None = None,
+        tokenizer: Callable[[], Tokenizer] | None = None,
+        name: str = "custom",
+        logit_scale: float | None = None,
+        logit_bias: float | None = None,
+        max_batch: int | None = None,
+        max_delay_ms: float = 2.0,
+        streams: int = 2,
+        staging_mb: int | None = None,
+        threads: int | None = None,
+    ) -> Encoder:
+        """An Encoder over engines of your own (``_C.Engine`` subclasses or ``_C.TrtEngine``): the
+        image engine takes ``[B, 3, S, S]`` (S = ``spec.size``) and returns ``[B, D]``; ``tokenizer``
+        makes the text engine's token ids (called once, on first use)."""
+        towers = _Towers(
+            image, text, spec, tokenizer, image.info.outputs[0].shape[1], name, logit_scale, logit_bias
+        )
+        encoder = cls.__new__(cls)
+        encoder._start(
+            towers,
+            max_batch=max_batch,
+            max_delay_ms=max_delay_ms,
+            streams=streams,
+            staging_mb=staging_mb,
+            threads=threads,
+        )
+        return encoder
+
+    def _start(
+        self,
+        towers: _Towers,
+        *,
+        max_batch: int | None,
+        max_delay_ms: float,
+        streams: int,
+        staging_mb: int | None,
+        threads: int | None,
+    ) -> None:
+        self._towers = towers
+        device = towers.image.info.device
+        stage = _C.ResizeNormalizeStage(towers.spec._params, device, threads or 0)
+        staging = (staging_mb if staging_mb is not None else DEFAULT_STAGING_MB[device]) * MIB
+        self._queue = _C.BatchQueue(
+            towers.image,
+            stage,
+            max_batch=max_batch or 0,
+            max_delay_ms=max_delay_ms,
+            streams=streams,
+            staging_bytes=staging,
+        )
+        self._text_lock = threading.Lock()
+        self._text_runner: _C.EngineRunner | None = None
+        self._tokenizer: Tokenizer | None = None
+        self._decode_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads or os.cpu_count() or 1, thread_name_prefix="nvclip-decode"
+        )
+        self._closed = False
+
+    # -- properties -----------------------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        """Embedding size."""
+        return self._towers.embed_dim
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        """The preprocessing applied to every image."""
+        return self._towers.spec
+
+    @property
+    def device(self) -> str:
+        info = self._towers.image.info
+        return "cpu" if info.device == "cpu" else f"cuda:{info.device_index}"
+
+    @property
+    def max_batch(self) -> int:
+        return self._queue.max_batch
+
+    @property
+    def model(self) -> str:
+        return self._towers.name
+
+    @property
+    def metadata(self) -> metadata.Metadata | None:
+        """The bundle's sidecar (None without one, or for from_open_clip)."""
+        return self._towers.meta
+
+    @property
+    def logit_scale(self) -> float | None:
+        return self._towers.logit_scale
+
+    @property
+    def logit_bias(self) -> float | None:
+        return self._towers.logit_bias
+
+    # -- images ---------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        images: Sequence[Any] | Any,
+        *,
+        normalize: bool = True,
+        on_error: str = "raise",
+        output: str = "numpy",
+    ) -> concurrent.futures.Future:
+        """Queue ``images`` and return a Future of their (N, D) float32 embeddings, in order.
+
+        Items are decoded here (files and bytes in parallel); with ``on_error="raise"`` the first
+        undecodable item raises at once, and an item that fails in preprocessing sets the Future's
+        exception (``ItemError`` naming its index). With ``on_error="nan"`` bad items get NaN rows.
+        """
+        self._check_args(on_error, output)
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        pixels = self._decode(items, 0, on_error)
+        return self._submit_decoded(pixels, 0, normalize, on_error, output)
+
+    def embed(
+        self,
+        images: Sequence[Any] | Any,
+        *,
+        normalize: bool = True,
+        on_error: str = "raise",
+        output: str = "numpy",
+    ) -> Any:
+        """(N, D) float32 embeddings of ``images``, in order (N = 0 included).
+
+        ``images``: uint8 numpy arrays (H, W, 3) RGB, (H, W) gray, (H, W, 4) RGBA; PIL images; file
+        paths; encoded bytes; uint8 torch tensors (H, W, C). ``on_error="raise"`` raises
+        ``ItemError`` (a ValueError) naming the first bad item; ``"nan"`` gives bad items NaN rows.
+        ``normalize`` L2-normalizes the rows (the exported engines already do). ``output``:
+        ``"numpy"`` or ``"torch"``. Large N streams through the queue a few batches at a time.
+        """
+        self._check_args(on_error, output)
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        chunk = max(1, self.max_batch * CHUNK_BATCHES)
+        futures = []
+        for start in range(0, len(items), chunk):
+            pixels = self._decode(items[start : start + chunk], start, on_error)
+            futures.append(self._submit_decoded(pixels, start, normalize, on_error, "numpy"))
+        parts = [f.result() for f in futures]
+        result = np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+        return self._convert(result, output)
+
+    def _check_args(self, on_error: str, output: str) -> None:
+        if self._closed:
+            raise EngineError("this Encoder is closed")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+
+    def _decode(self, items: list[Any], offset: int, on_error: str) -> list[Any]:
+        """Host pixels per item; None for a bad one with on_error="nan", else ItemError naming it.
+        ``offset`` is the caller's index of items[0]."""
+
+        def one(position: int) -> Any:
+            return as_host_pixels(decode_image(items[position], offset + position))
+
+        slow = [i for i, item in enumerate(items) if not isinstance(item, np.ndarray)]
+        pixels: list[Any] = [None] * len(items)
+        results = {}
+        if len(slow) > 1 and not all(is_torch_tensor(items[i]) or is_pil_image(items[i]) for i in slow):
+            results = {i: self._decode_pool.submit(one, i) for i in slow}
+        for position in range(len(items)):
+            try:
+                pixels[position] = results[position].result() if position in results else one(position)
+            except (ValueError, TypeError) as e:
+                if on_error == "raise":
+                    for f in results.values():
+                        f.cancel()
+                    raise ItemError(offset + position, str(e)) from e
+        return pixels
+
+    def _submit_decoded(
+        self, pixels: list[Any], offset: int, normalize: bool, on_error: str, output: str
+    ) -> concurrent.futures.Future:
+        """Queue the decoded items (None: bad, a NaN row); ``offset``: index of pixels[0] for errors."""
+        n = len(pixels)
+        good = [i for i in range(n) if pixels[i] is not None]
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+        dim = self.dim
+
+        def finish(rows: np.ndarray | None, item_errors: Sequence[str]) -> None:
+            result = np.full((n, dim), np.nan, dtype=np.float32)
+            if rows is not None and good:
+                result[good] = rows
+            for k, why in enumerate(item_errors):
+                if why:
+                    if on_error == "raise":
+                        future.set_exception(ItemError(offset + good[k], why))
+                        return
+                    result[good[k]] = np.nan
+            if normalize:
+                result = _l2_normalize(result)
+            future.set_result(self._convert(result, output))
+
+        if not good:
+            finish(None, [])
+            return future
+
+        def done(request: _C.Request) -> None:
+            try:
+                finish(request.result(), request.item_errors)
+            except EngineError as e:
+                future.set_exception(e)
+            except Exception as e:  # a bug here must reach the caller, not vanish on the queue's thread
+                future.set_exception(e)
+
+        self._queue.submit([pixels[i] for i in good], done)
+        return future
+
+    @staticmethod
+    def _convert(result: np.ndarray, output: str) -> Any:
+        if output == "torch":
+            import torch
+
+            return torch.from_numpy(result)
+        return result
+
+    # -- text -----------------------------------------------------------------------------------
+
+    def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
+        """open_clip's token ids for ``texts`` (int64, (M, context_length))."""
+        if self._towers.tokenizer is None:
+            raise EngineError(f"{self.model}: no tokenizer is known for this bundle")
+        with self._text_lock:
+            if self._tokenizer is None:
+                self._tokenizer = self._towers.tokenizer()
+        return self._tokenizer(texts)
+
+    def embed_text(self, texts: str | Sequence[str], *, normalize: bool = True, output: str = "numpy") -> Any:
+        """(M, D) float32 embeddings of ``texts``, in order."""
+        self._check_args("raise", output)
+        if self._towers.text is None:
+            raise EngineError(f"{self.model}: this bundle has no text tower (exported with --no-text?)")
+        ids = self.tokenize(texts)
+        text = self._towers.text.info
+        spec_in, spec_out = text.inputs[0], text.outputs[0]
+        if ids.shape[1] != spec_in.shape[1]:
+            raise EngineError(
+                f"the tokenizer gives {ids.shape[1]} tokens but the text tower takes {spec_in.shape[1]}"
+            )
+        ids = ids.astype(spec_in.dtype, copy=False)
+        parts = []
+        with self._text_lock:
+            if self._text_runner is None:
+                self._text_runner = _C.EngineRunner(self._towers.text)
+            for start in range(0, len(ids), text.batch[2]):
+                parts.append(
+                    self._text_runner.run({spec_in.name: ids[start : start + text.batch[2]]})[spec_out.name]
+                )
+        result = (
+            np.concatenate(parts).astype(np.float32, copy=False)
+            if parts
+            else np.zeros((0, self.dim), np.float32)
+        )
+        return self._convert(_l2_normalize(result) if normalize else result, output)
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def close(self, cancel: bool = False) -> None:
+        """Finish the work in flight (``cancel=True``: fail it with an error) and release the engines."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.close(cancel=cancel)
+        with self._text_lock:
+            if self._text_runner is not None:
+                self._text_runner.close()
+                self._text_runner = None
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> Encoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Encoder({self.model!r}, dim={self.dim}, device={self.device!r}, max_batch={self.max_batch}, "
+            f"size={self.spec.size})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _load_bundle(path: Path, kind: str, index: int, threads: int | None) -> _Towers:
+    """Engines + preprocessing + tokenizer from an exported bundle (plan, ONNX or sidecar path)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix not in (PLAN_SUFFIX, ONNX_SUFFIX, SIDECAR_SUFFIX):
+        raise ValueError(f"{path}: expected a .plan (TensorRT), .onnx (ONNX Runtime) or .json (sidecar) file")
+    sidecar = _sibling(path, SIDECAR_SUFFIX)
+    meta = metadata.load(sidecar) if sidecar.is_file() else None
+    if suffix == SIDECAR_SUFFIX:
+        if meta is None:
+            raise FileNotFoundError(f"{path}: no such sidecar")
+        image_tower = meta.towers["image"]
+        use_plan = (
+            image_tower.plan is not None and kind != "cpu" and (kind == "cuda" or _C.cuda_device_count() > 0)
+        )
+        path = meta.path(image_tower.plan if use_plan else image_tower.onnx)
+        suffix = path.suffix.lower()
+
+    if suffix == PLAN_SUFFIX:
+        if kind == "cpu":
+            raise ValueError(f"{path}: TensorRT plans run on CUDA devices; use the .onnx with device='cpu'")
+
+        def make(p: Path, tower: str) -> _C.Engine:
+            return _C.TrtEngine(p, device=index)
+    else:
+        if kind == "auto":
+            from .engines import cuda_provider_available
+
+            kind = "cuda" if _C.cuda_device_count() > 0 and cuda_provider_available() else "cpu"
+        if kind == "cuda":
+            _check_cuda(index)
+        precision = meta.precision if meta is not None else "fp32"
+
+        def make(p: Path, tower: str) -> _C.Engine:
+            from .engines import OnnxEngine
+
+            batch = meta.towers[tower].batch if meta is not None and tower in meta.towers else None
+            return OnnxEngine(
+                p, device=kind, device_index=index, precision=precision, threads=threads, batch=batch
+            )
+
+    image = make(path, "image")
+    text_path = _sibling(path, path.suffix, text=True)
+    if meta is not None:
+        text_tower = meta.towers.get("text")
+        text_file = (
+            None if text_tower is None else (text_tower.plan if suffix == PLAN_SUFFIX else text_tower.onnx)
+        )
+        text_path = meta.path(text_file) if text_file else None
+    text = make(text_path, "text") if text_path is not None and text_path.is_file() else None
+
+    if meta is not None:
+        spec = PreprocessSpec(**meta.preprocess.to_dict())
+        tokenizer = None
+        if meta.tokenizer is not None:
+            tok, base = meta.tokenizer.to_dict(), sidecar.parent
+            tokenizer = lambda: load_tokenizer(tok, base)  # noqa: E731
+        return _Towers(
+            image, text, spec, tokenizer, meta.embed_dim, meta.model, meta.logit_scale, meta.logit_bias, meta
+        )
+
+    size = image.info.inputs[0].shape[-1]
+    warnings.warn(
+        f"{path}: no sidecar {sidecar.name}; preprocessing uses open_clip's defaults at {size} px (OpenAI "
+        "mean/std, bicubic, 'shortest') and text, if any, the CLIP BPE tokenizer: check they match the model",
+        UserWarning,
+        stacklevel=3,
+    )
+    tokenizer = None
+    if text is not None:
+        context = (
+            text.info.inputs[0].shape[1] if len(text.info.inputs[0].shape) > 1 else DEFAULT_CONTEXT_LENGTH
+        )
+        entry = {"kind": CLIP_BPE_KIND, "vocab": None, "context_length": context}
+        tokenizer = lambda: load_tokenizer(entry)  # noqa: E731
+    return _Towers(
+        image, text, PreprocessSpec(size=size), tokenizer, image.info.outputs[0].shape[1], path.stem
+    )
+
+
+def _load_open_clip(
+    model: str,
+    *,
+    weights: Any,
+    pretrained: str | None,
+    random_weights: bool,
+    image_size: int | None,
+    device: str,
+    index: int,
+    precision: str,
+    max_batch: int | None,
+) -> _Towers:
+    import torch
+
+    from . import models
+    from .engines import TorchEngine
+
+    if precision not in metadata.PRECISIONS:
+        raise ValueError(f"precision must be one of {list(metadata.PRECISIONS)}, got {precision!r}")
+    if device == "cuda":
+        _check_cuda(index)
+        if not torch.cuda.is_available():
+            raise EngineError(
+                "device='cuda' needs a CUDA build of torch (torch.cuda.is_available() is False)"
+            )
+    loaded = models.load_model(
+        model, weights=weights, pretrained=pretrained, random_weights=random_weights, image_size=image_size
+    )
+    net = loaded.model_in(precision)
+    net = net.to(torch.device(device, index) if device == "cuda" else torch.device("cpu")).eval()
+    embed_dim = int(models.model_config(model)["embed_dim"])
+    dtype = "float16" if precision == "fp16" else "float32"
+    limit = max_batch or metadata.DEFAULT_MAX_BATCH
+    batch = metadata.BatchProfile(1, limit, limit)
+    common = {"embed_dim": embed_dim, "device": device, "device_index": index, "batch": batch}
+    image = TorchEngine(
+        net, "image", input_shape=(3, loaded.image_size, loaded.image_size), input_dtype=dtype, **common
+    )
+    text = TorchEngine(net, "text", input_shape=(loaded.context_length,), input_dtype="int64", **common)
+    spec = PreprocessSpec(**loaded.preprocess.to_dict())
+    tok = loaded.tokenizer.to_dict()
+    with torch.no_grad():
+        scale = float(net.logit_scale.exp()) if getattr(net, "logit_scale", None) is not None else None
+        bias = float(net.logit_bias) if getattr(net, "logit_bias", None) is not None else None
+    return _Towers(image, text, spec, lambda: load_tokenizer(tok), embed_dim, model, scale, bias)

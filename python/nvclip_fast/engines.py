@@ -1,0 +1,187 @@
+"""Engines written in Python, plugged into the native BatchQueue / EngineRunner through ``_C.Engine``.
+
+- :class:`OnnxEngine`: one ONNX tower under ONNX Runtime (CPU; the CUDA execution provider where
+  onnxruntime-gpu is installed).
+- :class:`TorchEngine`: one open_clip tower in PyTorch (GPU without TensorRT, or CPU).
+
+TensorRT plans run natively (``_C.TrtEngine``). The queue calls ``enqueue`` once per batch from a
+slot thread, holding the GIL for that call only. CPU engines get numpy views; CUDA engines get
+objects with ``__cuda_array_interface__`` and the slot's CUDA stream, on which their work must be
+ordered.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from . import _C, metadata
+from ._C import EngineError
+
+# ONNX Runtime element types -> numpy dtype names.
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+}
+DEFAULT_BATCH = metadata.BatchProfile(1, 32, metadata.DEFAULT_MAX_BATCH)
+
+
+def _profile(batch: metadata.BatchProfile | None) -> tuple[int, int, int]:
+    b = batch or DEFAULT_BATCH
+    return (b.min, b.opt, b.max)
+
+
+def _fixed_shape(shape: list[Any], where: str) -> list[int]:
+    """An ONNX shape with a symbolic batch: [-1, fixed...]; other symbolic dims are refused."""
+    dims = [-1]
+    for d in shape[1:]:
+        if not isinstance(d, int) or d <= 0:
+            raise EngineError(f"{where}: only the batch dimension may be dynamic, got shape {shape}")
+        dims.append(d)
+    return dims
+
+
+def ort_session_options(precision: str, threads: int | None) -> Any:
+    """ONNX Runtime session options for one of our towers.
+
+    fp16 graphs run with graph optimizations off: ONNX Runtime 1.32 crashes (SIGSEGV) optimizing
+    open_clip's fp16 graphs on the CPU (REFERENCE.md §3.2)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if precision == "fp16":
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def cuda_provider_available() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+class OnnxEngine(_C.Engine):
+    """An ONNX tower (one input, one output) under ONNX Runtime."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        device: str = "cpu",
+        device_index: int = 0,
+        precision: str = "fp32",
+        threads: int | None = None,
+        batch: metadata.BatchProfile | None = None,
+    ):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ImportError("ONNX models need onnxruntime: pip install 'nvclip-fast[onnx]'") from e
+        if device == "cuda" and not cuda_provider_available():
+            raise EngineError(
+                "device='cuda' for an ONNX model needs onnxruntime-gpu (CUDAExecutionProvider); use a "
+                "TensorRT .plan, Encoder.from_open_clip(..., device='cuda'), or device='cpu'"
+            )
+        providers: list[Any] = (
+            [("CUDAExecutionProvider", {"device_id": device_index})]
+            if device == "cuda"
+            else ["CPUExecutionProvider"]
+        )
+        try:
+            self._session = ort.InferenceSession(
+                os.fspath(path), ort_session_options(precision, threads), providers=providers
+            )
+        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile, ...)
+            raise EngineError(f"ONNX Runtime cannot load {os.fspath(path)!r}: {e}") from e
+        specs = []
+        for kind, values in (("input", self._session.get_inputs()), ("output", self._session.get_outputs())):
+            if len(values) != 1:
+                raise EngineError(f"{os.fspath(path)}: expected one {kind}, got {[v.name for v in values]}")
+            v = values[0]
+            if v.type not in _ORT_DTYPES:
+                raise EngineError(f"{os.fspath(path)}: {kind} {v.name!r} has unsupported type {v.type}")
+            specs.append(_C.TensorSpec(v.name, _ORT_DTYPES[v.type], _fixed_shape(v.shape, f"{path} {kind}")))
+        super().__init__(_C.EngineInfo([specs[0]], [specs[1]], _profile(batch), device, device_index))
+        self._input, self._output = specs[0].name, specs[1].name
+        self._device_index = device_index
+
+    def enqueue(self, batch: int, inputs: dict[str, Any], outputs: dict[str, Any], stream: int) -> None:
+        if self.info.device == "cpu":
+            outputs[self._output][...] = self._session.run(
+                [self._output], {self._input: inputs[self._input]}
+            )[0]
+            return
+        # CUDA provider: ONNX Runtime works on its own stream, so wait for the slot's stream first
+        # (preprocessing wrote the input there); run_with_iobinding returns after its own work.
+        _C.cuda_stream_synchronize(stream)
+        binding = self._session.io_binding()
+        for name, array, bind in (
+            (self._input, inputs[self._input], binding.bind_input),
+            (self._output, outputs[self._output], binding.bind_output),
+        ):
+            bind(name, "cuda", self._device_index, np.dtype(array.dtype), list(array.shape), array.ptr)
+        self._session.run_with_iobinding(binding)
+
+
+class TorchEngine(_C.Engine):
+    """One tower of an open_clip model in PyTorch: ``encode_image`` / ``encode_text``, output
+    L2-normalized in float32 (as the exported towers are)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tower: str,
+        *,
+        embed_dim: int,
+        input_shape: tuple[int, ...],
+        input_dtype: str,
+        device: str = "cpu",
+        device_index: int = 0,
+        batch: metadata.BatchProfile | None = None,
+    ):
+        import torch
+
+        if tower not in metadata.TOWER_TENSOR_NAMES:
+            raise ValueError(f"tower must be one of {list(metadata.TOWER_TENSOR_NAMES)}, got {tower!r}")
+        in_name, out_name = metadata.TOWER_TENSOR_NAMES[tower]
+        super().__init__(
+            _C.EngineInfo(
+                [_C.TensorSpec(in_name, input_dtype, [-1, *input_shape])],
+                [_C.TensorSpec(out_name, metadata.OUTPUT_DTYPE, [-1, embed_dim])],
+                _profile(batch),
+                device,
+                device_index,
+            )
+        )
+        self._torch = torch
+        self._model = model
+        self._encode = model.encode_image if tower == "image" else model.encode_text
+        self._in, self._out = in_name, out_name
+        self._device = torch.device(device, device_index) if device == "cuda" else torch.device("cpu")
+
+    def _forward(self, x: Any) -> Any:
+        torch = self._torch
+        with torch.inference_mode():
+            features = self._encode(x).float()
+            return torch.nn.functional.normalize(features, dim=-1)
+
+    def enqueue(self, batch: int, inputs: dict[str, Any], outputs: dict[str, Any], stream: int) -> None:
+        torch = self._torch
+        if self.info.device == "cpu":
+            x = torch.from_numpy(np.array(inputs[self._in]))  # the queue's view is read-only: copy
+            outputs[self._out][...] = self._forward(x).numpy()
+            return
+        # Everything on the slot's stream: ordered after the preprocessing that wrote the input,
+        # and before the queue's copy of the output.
+        with torch.cuda.device(self._device), torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            x = torch.as_tensor(inputs[self._in], device=self._device)
+            out = torch.as_tensor(outputs[self._out], device=self._device)
+            out.copy_(self._forward(x))
