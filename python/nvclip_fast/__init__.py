@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _C
 from ._C import EngineError
+from .embed_files import classify_files, embed_files
 from .encoder import Encoder, ItemError
 from .images import decode_image
 from .preprocess import PreprocessSpec, preprocess
@@ -22,8 +23,10 @@ __all__ = [
     "PreprocessSpec",
     "__version__",
     "build_info",
+    "classify_files",
     "cuda_available",
     "decode_image",
+    "embed_files",
     "export",
     "preprocess",
 ]

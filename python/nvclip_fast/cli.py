@@ -8,6 +8,7 @@ import shlex
 import sys
 
 from . import _C, __version__, build_info, metadata
+from .embed_files import CHECKPOINT_ROWS, classify_files, embed_files, write_predictions
 
 # Exit codes of `nvclip-fast export` (argparse itself exits 2 on malformed arguments).
 EXIT_OK = 0
@@ -15,6 +16,10 @@ EXIT_ERROR = 1  # the export failed (bad weights, unknown model, download imposs
 EXIT_USAGE = 2  # no weights given (or several): refused
 EXIT_NO_TENSORRT = 3  # ONNX files and sidecar written, TensorRT engines not built
 EXIT_PARITY = 4  # an exported tower misses the parity gate (files kept for inspection)
+# `nvclip-fast embed` / `classify`: 0 every input embedded, 1 some failed (the rest still written),
+# 2 the job could not run (bad arguments, no model); 130 interrupted (Ctrl-C), as shells report SIGINT.
+EXIT_SOME_FAILED = 1
+EXIT_INTERRUPTED = 130
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -112,6 +117,135 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_cmd_export)
 
 
+def _job_fail(command: str, e: BaseException) -> int:
+    print(f"nvclip-fast {command}: error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    try:
+        summary = embed_files(
+            args.inputs,
+            args.model,
+            args.output,
+            device=args.device,
+            batch=args.batch,
+            workers=args.workers,
+            dtype=args.dtype,
+            resume=args.resume,
+            progress=False if args.no_progress else None,
+            checkpoint_rows=args.checkpoint_rows,
+        )
+    except KeyboardInterrupt:
+        print(
+            "nvclip-fast embed: interrupted; finished rows are kept for --resume, the output was not written",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except (ValueError, FileNotFoundError, _C.EngineError, ImportError) as e:
+        return _job_fail("embed", e)
+    print(summary.line(), file=sys.stderr)
+    return EXIT_OK if summary.ok else EXIT_SOME_FAILED
+
+
+def _labels(text: str) -> list[str]:
+    if text.startswith("@"):
+        with open(text[1:], encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    return [label.strip() for label in text.split(",") if label.strip()]
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    try:
+        labels = _labels(args.labels)
+        predictions, summary = classify_files(
+            args.inputs,
+            args.model,
+            labels,
+            templates=args.template,
+            top_k=args.top_k,
+            device=args.device,
+            batch=args.batch,
+            workers=args.workers,
+            progress=False if args.no_progress else None,
+        )
+    except KeyboardInterrupt:
+        print("nvclip-fast classify: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, FileNotFoundError, OSError, _C.EngineError, ImportError) as e:
+        return _job_fail("classify", e)
+    if args.output:
+        write_predictions(args.output, predictions)
+    else:
+        for p in predictions:
+            shown = (
+                p.error
+                if p.error
+                else ", ".join(f"{label} {prob:.4f}" for label, prob in zip(p.labels, p.probs, strict=True))
+            )
+            print(f"{p.id}\t{shown}")
+    print(summary.line(), file=sys.stderr)
+    return EXIT_OK if summary.ok else EXIT_SOME_FAILED
+
+
+def _add_job_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image files, directories (recursive), @list.txt (one path per line), .tar shards",
+    )
+    p.add_argument(
+        "-m", "--model", required=True, help="exported bundle: MODEL.plan, MODEL.onnx or MODEL.json"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--batch", type=int, metavar="N", help="images per engine batch (default: the engine's)")
+    p.add_argument("--workers", type=int, metavar="N", help="decoding threads (default: one per core)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line stays)")
+
+
+def _add_embed_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="embed images (files, folders, @lists, tar shards) into Parquet or .npy, rows in input order",
+        description="Embed every image named by the inputs. Bad inputs are skipped and listed with their "
+        f"reason in OUT.errors.jsonl. Exit codes: {EXIT_OK} all embedded, {EXIT_SOME_FAILED} some failed, "
+        f"{EXIT_USAGE} the job could not run, {EXIT_INTERRUPTED} interrupted (rerun with --resume).",
+    )
+    _add_job_options(p)
+    p.add_argument("-o", "--output", required=True, help="OUT.parquet or OUT.npy (+ OUT.paths.txt)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored embedding type")
+    p.add_argument(
+        "--resume", action="store_true", help="skip images already in OUT or saved by an interrupted run"
+    )
+    p.add_argument(
+        "--checkpoint-rows",
+        type=int,
+        default=CHECKPOINT_ROWS,
+        metavar="N",
+        help=f"save finished rows for --resume every N rows (default {CHECKPOINT_ROWS}; also on Ctrl-C)",
+    )
+    p.set_defaults(run=_cmd_embed)
+
+    c = sub.add_parser(
+        "classify",
+        help="zero-shot classification of images against text labels",
+        description="Prompt-ensembled zero-shot classification: each label's templates are embedded, "
+        "averaged and renormalized; probabilities are the softmax of logit_scale x cosine.",
+    )
+    _add_job_options(c)
+    c.add_argument("--labels", required=True, help='comma-separated labels ("cat,dog,car") or @labels.txt')
+    c.add_argument(
+        "--template",
+        action="append",
+        metavar="TEXT",
+        help='prompt template with {} for the label (repeat to ensemble; default "a photo of a {}.")',
+    )
+    c.add_argument("--top-k", type=int, default=5, metavar="K", help="labels shown per image (default 5)")
+    c.add_argument("-o", "--output", help="write JSON lines {path, labels, probs} instead of printing")
+    c.set_defaults(run=_cmd_classify)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nvclip-fast", description=__doc__)
     parser.add_argument("--version", action="version", version=f"nvclip-fast {__version__}")
@@ -119,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print what this build supports (CUDA, TensorRT, SIMD) as JSON")
     info.set_defaults(run=_cmd_info)
     _add_export_parser(sub)
+    _add_embed_parsers(sub)
     return parser
 
 

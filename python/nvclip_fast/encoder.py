@@ -38,6 +38,9 @@ DEFAULT_STAGING_MB = {"cpu": 64, "cuda": 256}
 # embed() decodes and submits this many batches' worth of images at a time, so a long list of
 # files never holds more than that many decoded images at once.
 CHUNK_BATCHES = 4
+DEFAULT_TEMPLATE = "a photo of a {}."
+# Zero-shot logits scale when the bundle has no sidecar: CLIP's learned temperature ends at its cap, 100.
+DEFAULT_LOGIT_SCALE = 100.0
 
 
 class ItemError(ValueError):
@@ -234,6 +237,7 @@ class Encoder:
         self._text_lock = threading.Lock()
         self._text_runner: _C.EngineRunner | None = None
         self._tokenizer: Tokenizer | None = None
+        self._label_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], np.ndarray] = {}
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=threads or os.cpu_count() or 1, thread_name_prefix="nvclip-decode"
         )
@@ -355,6 +359,28 @@ class Encoder:
                     raise ItemError(offset + position, str(e)) from e
         return pixels
 
+    def submit_pixels(self, pixels: Sequence[np.ndarray]) -> concurrent.futures.Future:
+        """Queue decoded host pixels (``decode_image``'s arrays: uint8 (H, W) or (H, W, 3), packed
+        pixels) and return a Future of ``(rows, item_errors)``: the engine's (n, D) float32 rows as
+        they come out, and per image "" or why preprocessing refused it (its row is NaN). An engine
+        failure sets the Future's exception (EngineError)."""
+        if self._closed:
+            raise EngineError("this Encoder is closed")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+        if not pixels:
+            future.set_result((np.zeros((0, self.dim), np.float32), []))
+            return future
+
+        def done(request: _C.Request) -> None:
+            try:
+                future.set_result((request.result(), list(request.item_errors)))
+            except Exception as e:  # EngineError, or a bug: either must reach the caller
+                future.set_exception(e)
+
+        self._queue.submit(list(pixels), done)
+        return future
+
     def _submit_decoded(
         self, pixels: list[Any], offset: int, normalize: bool, on_error: str, output: str
     ) -> concurrent.futures.Future:
@@ -363,35 +389,22 @@ class Encoder:
         good = [i for i in range(n) if pixels[i] is not None]
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()
-        dim = self.dim
 
-        def finish(rows: np.ndarray | None, item_errors: Sequence[str]) -> None:
-            result = np.full((n, dim), np.nan, dtype=np.float32)
-            if rows is not None and good:
-                result[good] = rows
-            for k, why in enumerate(item_errors):
-                if why:
-                    if on_error == "raise":
-                        future.set_exception(ItemError(offset + good[k], why))
-                        return
-                    result[good[k]] = np.nan
-            if normalize:
-                result = _l2_normalize(result)
-            future.set_result(self._convert(result, output))
-
-        if not good:
-            finish(None, [])
-            return future
-
-        def done(request: _C.Request) -> None:
+        def finish(queued: concurrent.futures.Future) -> None:
             try:
-                finish(request.result(), request.item_errors)
-            except EngineError as e:
+                rows, item_errors = queued.result()
+            except Exception as e:
                 future.set_exception(e)
-            except Exception as e:  # a bug here must reach the caller, not vanish on the queue's thread
-                future.set_exception(e)
+                return
+            failed = [k for k, why in enumerate(item_errors) if why]
+            if failed and on_error == "raise":
+                future.set_exception(ItemError(offset + good[failed[0]], item_errors[failed[0]]))
+                return
+            result = np.full((n, self.dim), np.nan, dtype=np.float32)
+            result[good] = rows  # refused items' rows are NaN already
+            future.set_result(self._convert(_l2_normalize(result) if normalize else result, output))
 
-        self._queue.submit([pixels[i] for i in good], done)
+        self.submit_pixels([pixels[i] for i in good]).add_done_callback(finish)
         return future
 
     @staticmethod
@@ -440,6 +453,62 @@ class Encoder:
             else np.zeros((0, self.dim), np.float32)
         )
         return self._convert(_l2_normalize(result) if normalize else result, output)
+
+    # -- zero-shot classification ---------------------------------------------------------------
+
+    def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+        """(L, D) text embeddings of ``labels``, prompt-ensembled: each label's templates embedded,
+        averaged, renormalized (CLIP's zero-shot recipe). Cached per (labels, templates)."""
+        labels, templates = list(labels), list(templates or [DEFAULT_TEMPLATE])
+        if not labels:
+            raise ValueError("labels is empty")
+        for t in templates:
+            if "{}" not in t:
+                raise ValueError(f"template {t!r} has no '{{}}' for the label")
+        key = (tuple(labels), tuple(templates))
+        with self._text_lock:
+            cached = self._label_cache.get(key)
+        if cached is not None:
+            return cached
+        prompts = [t.format(label) for label in labels for t in templates]
+        per_prompt = self.embed_text(prompts).reshape(len(labels), len(templates), self.dim)
+        embeds = _l2_normalize(per_prompt.mean(axis=1))
+        with self._text_lock:
+            self._label_cache[key] = embeds
+        return embeds
+
+    def label_probabilities(self, image_embeds: np.ndarray, label_embeds: np.ndarray) -> np.ndarray:
+        """(N, L) softmax over labels of ``logit_scale * image @ label.T`` (NaN rows stay NaN)."""
+        scale = self.logit_scale if self.logit_scale is not None else DEFAULT_LOGIT_SCALE
+        logits = scale * (np.asarray(image_embeds, np.float32) @ label_embeds.T)
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def classify(
+        self,
+        images: Sequence[Any] | Any,
+        labels: Sequence[str],
+        templates: Sequence[str] | None = None,
+        top_k: int = 5,
+        *,
+        on_error: str = "raise",
+    ) -> list[list[tuple[str, float]]]:
+        """Zero-shot: per image, the ``top_k`` (label, probability) pairs, most probable first.
+        Text embeddings are computed once per (labels, templates). With ``on_error="nan"`` a bad
+        image gets an empty list."""
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        text = self.label_embeddings(labels, templates)
+        probs = self.label_probabilities(self.embed(images, on_error=on_error), text)
+        result = []
+        for row in probs:
+            if np.isnan(row).any():
+                result.append([])
+                continue
+            top = np.argsort(-row, kind="stable")[:top_k]
+            result.append([(labels[k], float(row[k])) for k in top])
+        return result
 
     # -- lifetime -------------------------------------------------------------------------------
 

@@ -41,8 +41,10 @@ def is_torch_tensor(x: Any) -> bool:
 
 
 def is_pil_image(x: Any) -> bool:
-    pil_image = sys.modules.get("PIL.Image")
-    return pil_image is not None and isinstance(x, pil_image.Image)
+    # Only a program that imported PIL.Image can hold a PIL image. Another thread may be importing
+    # it right now (in sys.modules, not yet initialized): then x cannot be one either.
+    image_class = getattr(sys.modules.get("PIL.Image"), "Image", None)
+    return isinstance(image_class, type) and isinstance(x, image_class)
 
 
 def _check_shape(shape: tuple[int, ...], index: int) -> int:
@@ -101,6 +103,8 @@ def _open(source: Any, what: str, index: int) -> np.ndarray:
     try:
         with Image.open(source) as image:
             return _from_pil(image, index)
+    except Image.DecompressionBombError as e:  # Pillow's limit (Image.MAX_IMAGE_PIXELS) is respected
+        raise ValueError(f"images[{index}]: {what} is too large to decode safely: {e}") from e
     except (OSError, UnidentifiedImageError, SyntaxError) as e:
         raise ValueError(f"images[{index}]: cannot decode {what}: {e}") from e
 
@@ -125,14 +129,14 @@ def decode_image(item: Any, index: int = 0) -> Any:
     """
     if isinstance(item, np.ndarray):
         return _from_array(item, index)
-    if is_torch_tensor(item):
-        return _from_tensor(item, index)
-    if is_pil_image(item):
-        return _from_pil(item, index)
     if isinstance(item, (str, os.PathLike)):
         return _open(item, f"image file {os.fspath(item)!r}", index)
     if isinstance(item, (bytes, bytearray, memoryview)):
         return _open(io.BytesIO(bytes(item)), f"{len(item)} bytes of image data", index)
+    if is_torch_tensor(item):
+        return _from_tensor(item, index)
+    if is_pil_image(item):
+        return _from_pil(item, index)
     raise TypeError(f"images[{index}]: unsupported image type {type(item).__name__}; expected {ACCEPTED}")
 
 

@@ -105,22 +105,36 @@ def _scan_directory(root: Path) -> Iterator[Source]:
 
 def _tar_members(path: Path) -> Iterator[Source]:
     """The image members of a tar shard (webdataset layout: ``<key>.<ext>`` members grouped by key),
-    streamed in archive order; non-image members (captions, json) are skipped. A shard that breaks
-    part way yields the members before the break, then one error item for the shard."""
+    in archive order; non-image members (captions, json) are skipped. Listing reads only the
+    headers (the data is read per member, by offset), so a big shard costs little until used. A
+    shard that breaks part way yields the members before the break, then one error item."""
+    members: list[tarfile.TarInfo] = []
+    error = None
     try:
-        with tarfile.open(path, "r|*") as tar:  # stream: one pass, no index of members
-            for member in tar:
-                if not member.isfile() or Path(member.name).suffix.lower() not in IMAGE_EXTENSIONS:
-                    continue
-                f = tar.extractfile(member)
-                data = f.read() if f is not None else b""
-                yield Source(f"{path}{TAR_MEMBER_SEPARATOR}{member.name}", _constant(data))
+        with tarfile.open(path, "r:") as tar:  # uncompressed: members can be read by offset
+            while (member := tar.next()) is not None:
+                members.append(member)
     except (OSError, EOFError, tarfile.TarError) as e:
-        yield Source(str(path), error=f"unreadable tar shard: {e}")
+        error = Source(str(path), error=f"unreadable tar shard after {len(members)} members: {e}")
+    for member in members:
+        if member.isfile() and Path(member.name).suffix.lower() in IMAGE_EXTENSIONS:
+            yield Source(f"{path}{TAR_MEMBER_SEPARATOR}{member.name}", _slice_reader(path, member))
+    if error is not None:
+        yield error
 
 
-def _constant(data: bytes) -> Callable[[], bytes]:
-    return lambda: data
+def _slice_reader(path: Path, member: tarfile.TarInfo) -> Callable[[], bytes]:
+    offset, size = member.offset_data, member.size
+
+    def read() -> bytes:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"truncated tar member: {len(data)} of {size} bytes")
+        return data
+
+    return read
 
 
 def _list_file(path: Path) -> Iterator[Source]:

@@ -1,0 +1,407 @@
+"""The embedding job: files, folders, ``@lists`` and tar shards in, aligned embeddings out.
+
+One pipeline serves ``nvclip-fast embed`` (:func:`embed_files`) and ``nvclip-fast classify``
+(:func:`classify_files`): sources are listed in input order, decoded by a pool of worker threads
+(Pillow releases the GIL while it decodes) a bounded distance ahead, and handed to the Encoder's
+queue in batches, several batches in flight, so the engine never waits on one decoder. Results come
+back in input order; every input ends as exactly one row or one error with its reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from .encoder import Encoder
+from .images import decode_image
+from .outputs import Checkpoint, Rows, atomic_path, check_output_path, read_output, write_errors, write_output
+from .sources import Source, iter_sources
+
+DTYPES = ("float32", "float16")
+# Decoded images waiting for the queue, per worker, and batches in flight in the queue: enough to
+# keep the engine busy while the decoders catch up, bounded so memory stays bounded.
+PREFETCH_PER_WORKER = 4
+BATCHES_IN_FLIGHT = 4
+CHECKPOINT_ROWS = 4096  # rows per checkpoint chunk (OUT.inprogress/): what an interruption can lose
+PROGRESS_INTERVAL_S = 0.5
+
+
+@dataclass
+class Item:
+    """One input's outcome: ``row`` (embedding) or ``error``; ``size`` = (width, height) decoded."""
+
+    id: str
+    row: np.ndarray | None = None
+    error: str | None = None
+    size: tuple[int, int] = (-1, -1)
+
+
+@dataclass
+class Summary:
+    """What a job did; ``failed`` inputs are listed with their reasons in ``errors_path``."""
+
+    total: int
+    embedded: int
+    resumed: int
+    failed: int
+    duplicates: int
+    seconds: float
+    out: Path | None = None
+    errors_path: Path | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+    def line(self) -> str:
+        parts = [
+            f"embedded {self.embedded} of {self.total} images in {self.seconds:.1f} s "
+            f"({self.images_per_s:.1f} img/s)"
+        ]
+        if self.resumed:
+            parts.append(f"{self.resumed} already done (resumed)")
+        if self.duplicates:
+            parts.append(f"{self.duplicates} duplicate inputs skipped")
+        if self.failed:
+            where = f": see {self.errors_path}" if self.errors_path else ""
+            parts.append(f"{self.failed} failed{where}")
+        if self.out is not None:
+            parts.append(f"-> {self.out}")
+        return ", ".join(parts)
+
+
+class Progress:
+    """A one-line progress bar on a terminal (images, images/s, ETA); silent otherwise."""
+
+    def __init__(self, total: int, enabled: bool | None = None, stream: TextIO | None = None):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.total = total
+        self.done = 0
+        self.start = time.monotonic()
+        self._last = 0.0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self._last >= PROGRESS_INTERVAL_S or self.done == self.total):
+            self._last = now
+            elapsed = now - self.start
+            rate = self.done / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - self.done) / rate if rate > 0 else 0.0
+            self.stream.write(f"\r{self.done}/{self.total} images  {rate:.1f} img/s  ETA {eta:.0f} s ")
+            self.stream.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _read_and_decode(source: Source, index: int) -> tuple[np.ndarray | None, str | None]:
+    if source.error is not None:
+        return None, source.error
+    try:
+        data = source.read()
+    except OSError as e:
+        return None, f"unreadable: {e}"
+    if not data:
+        return None, "empty file"
+    try:
+        return decode_image(data, index), None
+    except (ValueError, TypeError) as e:
+        reason = str(e)
+        prefix = f"images[{index}]: "
+        return None, reason[len(prefix) :] if reason.startswith(prefix) else reason
+    except MemoryError:
+        return None, "not enough memory to decode this image"
+    except Exception as e:  # a decoder bug on one odd file fails that file, never the job
+        return None, f"cannot decode: {type(e).__name__}: {e}"
+
+
+def _decoded(
+    sources: Sequence[Source], workers: int
+) -> Iterator[tuple[Source, np.ndarray | None, str | None]]:
+    """(source, pixels or None, error or None) in input order, decoded ``workers`` at a time."""
+    ahead = max(1, workers * PREFETCH_PER_WORKER)
+    with concurrent.futures.ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix="nvclip-decode"
+    ) as pool:
+        pending: collections.deque = collections.deque()
+        try:
+            for index, source in enumerate(sources):
+                pending.append((source, pool.submit(_read_and_decode, source, index)))
+                if len(pending) >= ahead:
+                    s, f = pending.popleft()
+                    yield (s, *f.result())
+            while pending:
+                s, f = pending.popleft()
+                yield (s, *f.result())
+        finally:
+            for _, f in pending:
+                f.cancel()
+
+
+def embedded_items(
+    encoder: Encoder, sources: Sequence[Source], *, workers: int, batch: int
+) -> Iterator[Item]:
+    """Every source's :class:`Item`, in input order: decoded in parallel, embedded in batches."""
+    in_flight: collections.deque = collections.deque()  # (items of a batch, future or None)
+
+    def settle(items: list[Item], future: concurrent.futures.Future | None) -> list[Item]:
+        if future is None:
+            return items
+        try:
+            rows, item_errors = future.result()
+        except Exception as e:  # the engine failed this batch: its images fail, the job goes on
+            for item in items:
+                item.error = f"engine failed: {e}"
+            return items
+        good = [item for item in items if item.error is None]
+        for item, row, why in zip(good, rows, item_errors, strict=True):
+            if why:
+                item.error = f"preprocessing failed: {why}"
+            else:
+                item.row = row
+        return items
+
+    group: list[Item] = []
+    pixels: list[np.ndarray] = []
+
+    def flush() -> Iterator[Item]:
+        nonlocal group, pixels
+        in_flight.append((group, encoder.submit_pixels(pixels) if pixels else None))
+        group, pixels = [], []
+        while len(in_flight) > BATCHES_IN_FLIGHT:
+            yield from settle(*in_flight.popleft())
+
+    for source, image, error in _decoded(sources, workers):
+        item = Item(source.id, error=error)
+        if image is not None:
+            item.size = (int(image.shape[1]), int(image.shape[0]))
+            pixels.append(image)
+        group.append(item)
+        if len(pixels) >= batch:
+            yield from flush()
+    if group:
+        yield from flush()
+    while in_flight:
+        yield from settle(*in_flight.popleft())
+
+
+def _open_encoder(
+    model: str | os.PathLike[str] | Encoder, device: str, batch: int | None, workers: int
+) -> tuple[Encoder, bool]:
+    if isinstance(model, Encoder):
+        return model, False
+    return Encoder(model, device=device, max_batch=batch, threads=workers), True
+
+
+def _workers(workers: int | None) -> int:
+    return max(1, workers if workers else (os.cpu_count() or 1))
+
+
+def embed_files(
+    inputs: Iterable[str | os.PathLike[str]],
+    model: str | os.PathLike[str] | Encoder,
+    out: str | os.PathLike[str],
+    *,
+    device: str = "auto",
+    batch: int | None = None,
+    workers: int | None = None,
+    dtype: str = "float32",
+    resume: bool = False,
+    progress: bool | None = None,
+    checkpoint_rows: int = CHECKPOINT_ROWS,
+) -> Summary:
+    """Embed every image named by ``inputs`` into ``out`` (``.parquet`` or ``.npy``), rows in input order.
+
+    ``model``: an exported bundle (``.plan``, ``.onnx`` or its ``.json``) or an open Encoder.
+    Bad inputs are skipped and listed in ``OUT.errors.jsonl``. ``resume``: skip ids already in
+    ``out`` or saved by an interrupted run. ``progress``: None = a bar when stderr is a terminal.
+    ``checkpoint_rows``: finished rows are saved for ``resume`` every so many rows (and on Ctrl-C).
+    """
+    out_path = check_output_path(out)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if checkpoint_rows < 1:
+        raise ValueError(f"checkpoint_rows must be >= 1, got {checkpoint_rows}")
+    start = time.monotonic()
+    sources, duplicates = _dedupe(iter_sources(inputs))
+    checkpoint = Checkpoint(out_path)
+    previous: list[Rows] = []
+    if resume:
+        old = read_output(out_path)
+        previous = ([old] if old is not None else []) + checkpoint.load()
+    elif checkpoint.exists():
+        checkpoint.clear()  # a fresh run: an earlier interrupted run's rows are not reused
+    done_ids = {i for rows in previous for i in rows.ids}
+    todo = [s for s in sources if s.id not in done_ids]
+
+    w = _workers(workers)
+    encoder, owned = _open_encoder(model, device, batch, w)
+    bar = Progress(len(todo), progress)
+    errors: list[tuple[str, str]] = []
+    fresh: list[Item] = []
+    embedded = 0
+    try:
+        for item in embedded_items(encoder, todo, workers=w, batch=batch or encoder.max_batch):
+            if item.row is None:
+                errors.append((item.id, item.error or "unknown error"))
+            else:
+                fresh.append(item)
+                embedded += 1
+                if len(fresh) >= checkpoint_rows:
+                    checkpoint.append(_rows(fresh, dtype))
+                    fresh = []
+            bar.advance()
+    except BaseException:
+        # Interrupted (Ctrl-C) or failed: keep what is done for --resume; OUT stays as it was.
+        checkpoint.append(_rows(fresh, dtype))
+        encoder_close(encoder, owned, cancel=True)
+        bar.finish()
+        raise
+    bar.finish()
+    checkpoint.append(_rows(fresh, dtype))
+    all_rows = Rows.concat([*previous, *checkpoint.load()], encoder.dim, dtype)
+    order = {s.id: k for k, s in enumerate(sources)}
+    position = {i: k for k, i in enumerate(all_rows.ids)}
+    wanted = [position[s.id] for s in sources if s.id in position]
+    extra = [k for k, i in enumerate(all_rows.ids) if i not in order]  # earlier rows of inputs not given now
+    final = all_rows.take(wanted + extra)
+    meta = {
+        "model": encoder.model,
+        "embed_dim": encoder.dim,
+        "dtype": dtype,
+        "preprocess": dataclasses.asdict(encoder.spec),
+    }
+    write_output(out_path, final, meta)
+    errors_path = write_errors(out_path, errors)
+    checkpoint.clear()
+    encoder_close(encoder, owned)
+    return Summary(
+        total=len(sources),
+        embedded=embedded,
+        resumed=len(sources) - len(todo),
+        failed=len(errors),
+        duplicates=duplicates,
+        seconds=time.monotonic() - start,
+        out=out_path,
+        errors_path=errors_path,
+    )
+
+
+def encoder_close(encoder: Encoder, owned: bool, cancel: bool = False) -> None:
+    if owned:
+        encoder.close(cancel=cancel)
+
+
+def _dedupe(sources: Iterable[Source]) -> tuple[list[Source], int]:
+    """Sources with each id once (the first occurrence), and how many repeats were dropped."""
+    seen: set[str] = set()
+    unique: list[Source] = []
+    repeats = 0
+    for s in sources:
+        if s.id in seen:
+            repeats += 1
+        else:
+            seen.add(s.id)
+            unique.append(s)
+    return unique, repeats
+
+
+def _rows(items: Sequence[Item], dtype: str) -> Rows:
+    if not items:
+        return Rows([], np.zeros((0, 0), dtype), np.zeros(0, np.int32), np.zeros(0, np.int32))
+    return Rows(
+        [i.id for i in items],
+        np.stack([i.row for i in items]).astype(dtype),
+        np.array([i.size[0] for i in items], np.int32),
+        np.array([i.size[1] for i in items], np.int32),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Zero-shot classification
+
+
+@dataclass
+class Prediction:
+    """Top-k labels of one input (empty with ``error`` set for an input that failed)."""
+
+    id: str
+    labels: list[str]
+    probs: list[float]
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"path": self.id, "labels": self.labels, "probs": self.probs}
+        if self.error is not None:
+            d["error"] = self.error
+        return d
+
+
+def classify_files(
+    inputs: Iterable[str | os.PathLike[str]],
+    model: str | os.PathLike[str] | Encoder,
+    labels: Sequence[str],
+    *,
+    templates: Sequence[str] | None = None,
+    top_k: int = 5,
+    device: str = "auto",
+    batch: int | None = None,
+    workers: int | None = None,
+    progress: bool | None = None,
+) -> tuple[list[Prediction], Summary]:
+    """Zero-shot top-k labels for every image named by ``inputs`` (see :meth:`Encoder.classify`)."""
+    start = time.monotonic()
+    sources, duplicates = _dedupe(iter_sources(inputs))
+    w = _workers(workers)
+    encoder, owned = _open_encoder(model, device, batch, w)
+    try:
+        text = encoder.label_embeddings(labels, templates)
+        bar = Progress(len(sources), progress)
+        predictions = []
+        for item in embedded_items(encoder, sources, workers=w, batch=batch or encoder.max_batch):
+            if item.row is None:
+                predictions.append(Prediction(item.id, [], [], item.error))
+            else:
+                probs = encoder.label_probabilities(item.row[None, :], text)[0]
+                top = np.argsort(-probs, kind="stable")[:top_k]
+                predictions.append(
+                    Prediction(item.id, [labels[k] for k in top], [float(probs[k]) for k in top])
+                )
+            bar.advance()
+        bar.finish()
+    finally:
+        encoder_close(encoder, owned)
+    failed = sum(1 for p in predictions if p.error is not None)
+    return predictions, Summary(
+        total=len(sources),
+        embedded=len(sources) - failed,
+        resumed=0,
+        failed=failed,
+        duplicates=duplicates,
+        seconds=time.monotonic() - start,
+    )
+
+
+def write_predictions(path: str | os.PathLike[str], predictions: Iterable[Prediction]) -> None:
+    """Predictions as JSON lines, atomically."""
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in predictions), encoding="utf-8")

@@ -1,0 +1,347 @@
+"""`nvclip-fast embed` / `classify` on a messy folder: one aligned row per good image, every bad input
+listed with its reason, atomic outputs, resume after Ctrl-C."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("open_clip")
+pytest.importorskip("onnxruntime")
+pa_parquet = pytest.importorskip("pyarrow.parquet")
+
+from PIL import Image  # noqa: E402
+
+import nvclip_fast as nf  # noqa: E402
+import tiny_models  # noqa: E402
+from nvclip_fast import cli  # noqa: E402
+from nvclip_fast.outputs import read_output  # noqa: E402
+
+MAX_BATCH = 8
+# Rows of the same image through the CLI and through Encoder.embed run the same graph on the same
+# input; ONNX Runtime may pick other kernels for other batch sizes: float32 rounding only.
+ROW_ATOL = 1e-6
+EXIF_ORIENTATION = 0x0112
+ROTATE_90_CW = 6
+BOMB_SIDE = 20000  # 400 Mpixel: over twice Pillow's MAX_IMAGE_PIXELS, so Image.open refuses it
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bundle")
+    checkpoint = tiny_models.save_checkpoint(tiny_models.random_model("tiny-clip", seed=4), tmp / "w.pt")
+    nf.export("tiny-clip", tmp / "tiny.onnx", weights=checkpoint, max_batch=MAX_BATCH, quiet=True)
+    return tmp / "tiny.onnx"
+
+
+@pytest.fixture(scope="module")
+def encoder(bundle):
+    with nf.Encoder(bundle, device="cpu") as enc:
+        yield enc
+
+
+def _save(image: Image.Image, path: Path, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png() -> bytes:
+    """A valid PNG header for a 20000 x 20000 gray image with almost no data: Pillow refuses it at
+    open (decompression-bomb limit) before any pixel is decoded."""
+    header = struct.pack(">IIBBBBB", BOMB_SIDE, BOMB_SIDE, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+    """A folder with every image mode, sub-folders, a tar shard and bad files.
+
+    Returns (root, good ids in scan order, {bad id: reason pattern})."""
+    root = tmp_path_factory.mktemp("messy")
+    rng = np.random.default_rng(0)
+
+    def rgb(h: int, w: int) -> Image.Image:
+        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+    photo = _save(rgb(60, 90), root / "a_photos" / "rgb.jpg", quality=90)
+    gray = _save(
+        Image.fromarray(rng.integers(0, 256, (50, 40), dtype=np.uint8)), root / "a_photos" / "gray.png"
+    )
+    rgba_pixels = rng.integers(0, 256, (40, 70, 4), dtype=np.uint8)
+    rgba = _save(Image.fromarray(rgba_pixels, "RGBA"), root / "a_photos" / "rgba.png")
+    palette = _save(rgb(45, 45).convert("P"), root / "a_photos" / "palette.png")
+    cmyk = _save(Image.new("CMYK", (64, 48), (10, 200, 30, 40)), root / "a_photos" / "cmyk.jpg")
+    deep = _save(
+        Image.fromarray((rng.integers(0, 65536, (30, 50))).astype(np.uint16)),
+        root / "a_photos" / "deep16.png",
+    )
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = ROTATE_90_CW
+    rotated = _save(rgb(30, 80), root / "a_photos" / "rotated.jpg", exif=exif.tobytes())
+    nested = root / "b_nested" / "deeper"
+    nested.mkdir(parents=True)
+    png = io.BytesIO()
+    rgb(40, 40).save(png, format="PNG")
+    (nested / "broken.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
+    (root / "b_nested" / "empty.jpg").write_bytes(b"")
+    (root / "b_nested" / "readme.txt").write_text("not an image, not listed")
+    (root / "b_nested" / "bomb.png").write_bytes(bomb_png())
+    shard = root / "c_shard.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, image in [("000001.jpg", rgb(33, 44)), ("000001.txt", None), ("000002.png", rgb(20, 90))]:
+            data = b"a caption" if image is None else _encoded(image, name)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    # Scan order: a folder's own files (sorted) before its sub-folders (sorted), depth first.
+    good = [f"{shard}::000001.jpg", f"{shard}::000002.png"]
+    good += sorted(str(p) for p in (photo, gray, rgba, palette, cmyk, deep, rotated))
+    bad = {
+        str(nested / "broken.png"): "cannot decode",
+        str(root / "b_nested" / "empty.jpg"): "empty file",
+        str(root / "b_nested" / "bomb.png"): "too large",
+    }
+    return root, good, bad
+
+
+def _encoded(image: Image.Image, name: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG" if name.endswith(".jpg") else "PNG")
+    return buf.getvalue()
+
+
+def _reference(encoder, image_id: str) -> np.ndarray:
+    """Encoder.embed on the same file (or the tar member's bytes)."""
+    if "::" in image_id:
+        tar_path, member = image_id.split("::")
+        with tarfile.open(tar_path) as tar:
+            return encoder.embed([tar.extractfile(member).read()])[0]
+    return encoder.embed([image_id])[0]
+
+
+# --- embed ------------------------------------------------------------------------------------------
+
+
+def test_messy_folder_to_parquet(bundle, encoder, messy, tmp_path, capsys):
+    root, good, bad = messy
+    out = tmp_path / "emb.parquet"
+    code = cli.main(
+        ["embed", str(root), "-m", str(bundle), "-o", str(out), "--no-progress", "--workers", "2"]
+    )
+    assert code == cli.EXIT_SOME_FAILED  # some inputs failed; the rest is written
+    table = pa_parquet.read_table(out)
+    assert table.column_names == ["path", "embedding", "width", "height"]
+    rows = read_output(out)
+    assert rows.ids == good  # one row per good image, in scan order
+    for k, image_id in enumerate(rows.ids):
+        np.testing.assert_allclose(
+            rows.embeddings[k], _reference(encoder, image_id), atol=ROW_ATOL, err_msg=image_id
+        )
+    sizes = dict(zip(rows.ids, zip(rows.widths.tolist(), rows.heights.tolist(), strict=True), strict=True))
+    assert sizes[str(root / "a_photos" / "rotated.jpg")] == (80, 30)  # as stored: no EXIF rotation
+    assert sizes[str(root / "a_photos" / "deep16.png")] == (50, 30)
+    errors = [json.loads(line) for line in (tmp_path / "emb.errors.jsonl").read_text().splitlines()]
+    assert {e["path"] for e in errors} == set(bad)
+    for e in errors:
+        assert re.search(bad[e["path"]], e["error"]), e
+    summary = capsys.readouterr().err
+    assert f"embedded {len(good)} of {len(good) + len(bad)} images" in summary
+    assert "3 failed" in summary
+
+
+def test_npy_output_float16_and_python_api(encoder, messy, tmp_path):
+    root, good, _ = messy
+    out = tmp_path / "emb.npy"
+    summary = nf.embed_files(
+        [root / "a_photos", root / "c_shard.tar"], encoder, out, dtype="float16", progress=False
+    )
+    assert summary.ok
+    assert (summary.total, summary.embedded, summary.failed) == (len(good), len(good), 0)
+    in_input_order = good[2:] + good[:2]  # the folder, then the shard
+    paths = (tmp_path / "emb.paths.txt").read_text().splitlines()
+    assert paths == in_input_order
+    embeddings = np.load(out)
+    assert embeddings.dtype == np.float16
+    assert embeddings.shape == (len(good), encoder.dim)
+    np.testing.assert_allclose(embeddings[0], _reference(encoder, paths[0]), atol=2e-3)  # float16 storage
+    assert (tmp_path / "emb.errors.jsonl").read_text() == ""
+
+
+def test_all_good_exits_zero_and_lists_dedupe(bundle, messy, tmp_path):
+    _, good, _ = messy
+    listing = tmp_path / "list.txt"
+    files = good[2:5]  # plain files (tar members are not paths)
+    listing.write_text("\n".join([*files, files[0]]) + "\n")
+    out = tmp_path / "list.parquet"
+    assert (
+        cli.main(["embed", f"@{listing}", "-m", str(bundle), "-o", str(out), "--no-progress"]) == cli.EXIT_OK
+    )
+    assert read_output(out).ids == files
+
+
+def test_unusable_model_or_output_is_a_usage_error(messy, tmp_path, capsys):
+    root, _, _ = messy
+    assert (
+        cli.main(["embed", str(root), "-m", str(tmp_path / "none.onnx"), "-o", str(tmp_path / "o.parquet")])
+        == 2
+    )
+    assert "no such file" in capsys.readouterr().err
+    assert cli.main(["embed", str(root), "-m", "x.onnx", "-o", str(tmp_path / "o.csv")]) == 2
+    assert "expected a .parquet or .npy" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigint_leaves_no_output_and_resume_embeds_only_the_rest(bundle, encoder, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    n = 1500
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
+    out = tmp_path / "emb.parquet"
+    checkpoint = tmp_path / "emb.parquet.inprogress"
+    argv = [
+        sys.executable,
+        "-m",
+        "nvclip_fast",
+        "embed",
+        str(folder),
+        "-m",
+        str(bundle),
+        "-o",
+        str(out),
+        "--no-progress",
+        "--batch",
+        "4",
+        "--checkpoint-rows",
+        "32",
+        "--device",
+        "cpu",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not list(checkpoint.glob("chunk-*.npz")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == cli.EXIT_INTERRUPTED, err
+    assert "interrupted" in err
+    assert not out.exists()  # no partial output
+    assert not (tmp_path / "emb.errors.jsonl").exists()
+    assert list(checkpoint.glob("chunk-*.npz"))
+
+    resumed = subprocess.run([*argv, "--resume"], capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
+    assert resumed.returncode == cli.EXIT_OK, resumed.stderr
+    found = re.search(r"embedded (\d+) of (\d+) images.*?(\d+) already done", resumed.stderr)
+    assert found, resumed.stderr
+    embedded, total, done = map(int, found.groups())
+    assert total == n
+    assert done >= 32
+    assert embedded + done == n  # only what was missing was embedded
+    rows = read_output(out)
+    assert rows.ids == sorted(str(p) for p in folder.iterdir())
+    assert not checkpoint.exists()
+    sample = [0, done - 1, done, n - 1]
+    expected = encoder.embed([rows.ids[k] for k in sample])
+    np.testing.assert_allclose(rows.embeddings[sample], expected, atol=ROW_ATOL)
+
+
+def test_resume_skips_what_the_output_holds(encoder, messy, tmp_path):
+    root, good, _ = messy
+    out = tmp_path / "emb.parquet"
+    first = nf.embed_files([root / "a_photos"], encoder, out, progress=False)
+    assert first.embedded == 7
+    second = nf.embed_files(
+        [root / "a_photos", root / "c_shard.tar"], encoder, out, resume=True, progress=False
+    )
+    assert (second.embedded, second.resumed) == (2, 7)
+    assert read_output(out).ids == good[2:] + good[:2]  # the order of the inputs given
+
+
+# --- classify ---------------------------------------------------------------------------------------
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_classify_matches_a_direct_computation(encoder, messy):
+    _, good, _ = messy
+    labels = ["cat", "dog", "car", "tree"]
+    templates = ["a photo of a {}.", "a drawing of a {}."]
+    images = good[2:7]  # plain files (tar members are not paths)
+    got = encoder.classify(images, labels, templates, top_k=3)
+    text = (
+        encoder.embed_text([t.format(label) for label in labels for t in templates]).reshape(4, 2, -1).mean(1)
+    )
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    probs = _softmax(encoder.metadata.logit_scale * encoder.embed(images) @ text.T)
+    for row, ranked in zip(probs, got, strict=True):
+        top = np.argsort(-row)[:3]
+        assert [label for label, _ in ranked] == [labels[k] for k in top]
+        np.testing.assert_allclose([p for _, p in ranked], row[top], rtol=1e-4)
+
+
+def test_classify_cli_writes_top_k(bundle, encoder, messy, tmp_path):
+    root, good, bad = messy
+    out = tmp_path / "pred.jsonl"
+    code = cli.main(
+        [
+            "classify",
+            str(root),
+            "-m",
+            str(bundle),
+            "--labels",
+            "cat,dog,car",
+            "--top-k",
+            "2",
+            "--template",
+            "a photo of a {}.",
+            "-o",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == cli.EXIT_SOME_FAILED
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    by_path = {line["path"]: line for line in lines}
+    assert set(by_path) == set(good) | set(bad)
+    direct = encoder.classify([good[2]], ["cat", "dog", "car"], ["a photo of a {}."], top_k=2)[0]
+    assert by_path[good[2]]["labels"] == [label for label, _ in direct]
+    np.testing.assert_allclose(by_path[good[2]]["probs"], [p for _, p in direct], rtol=1e-4)
+    assert all("error" in by_path[b] and by_path[b]["labels"] == [] for b in bad)
+
+
+def test_classify_argument_errors(encoder):
+    with pytest.raises(ValueError, match="has no"):
+        encoder.classify([np.zeros((4, 4, 3), np.uint8)], ["cat"], ["a photo"])
+    with pytest.raises(ValueError, match="labels is empty"):
+        encoder.classify([np.zeros((4, 4, 3), np.uint8)], [])
