@@ -268,7 +268,7 @@ def test_onnxruntime_crash_is_reported(tmp_path):
     bogus = tmp_path / "bogus.onnx"
     bogus.write_bytes(b"\x00not a graph")
     with pytest.raises(exporter.ExportError, match=r"ONNX Runtime failed on .*bogus.onnx \(exit code 1\)"):
-        exporter._run_onnxruntime(bogus, "pixel_values", [np.zeros((1, 3, 2, 2), np.float32)], optimize=False)
+        exporter._run_onnxruntime(bogus, "pixel_values", [np.zeros((1, 3, 2, 2), np.float32)], "fp16")
 
 
 # --- refusals and the no-TensorRT path ----------------------------------------------------------------------
