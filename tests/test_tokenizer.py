@@ -173,3 +173,20 @@ def test_hf_tokenizer_missing_offline_is_clear(tmp_path):
     pytest.importorskip("transformers", reason="HF tokenizers need transformers")
     with pytest.raises(FileNotFoundError, match="not available offline"):
         HfTokenizer(tmp_path / "no-such-tokenizer", context_length=32)
+
+
+def test_siglip_entry_wiring(bert_dir):
+    # No SigLIP sentencepiece vocabulary can be had offline; a saved HF tokenizer stands in to check
+    # what the siglip kind adds: canonicalized text and open_clip's pad id (1) for "c4-en".
+    entry = {"kind": "siglip", "name": "c4-en", "files": bert_dir.name, "context_length": 16}
+    tok = load_tokenizer(entry, bert_dir.parent)
+    ids = tok(["a photo of a cat!", "A PHOTO of a cat"])
+    np.testing.assert_array_equal(ids[0], ids[1])
+    assert ids[0, -1] == 1  # padded with id 1
+
+
+def test_siglip_and_modes_missing_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="SigLIP tokenizer 'c4-en' is not in the bundle"):
+        load_tokenizer({"kind": "siglip", "name": "c4-en", "context_length": 64}, tmp_path)
+    with pytest.raises(ValueError, match="tokenizer mode 'clips'"):
+        load_tokenizer({"kind": "hf", "name": "x", "mode": "clips", "context_length": 16}, tmp_path)

@@ -1,12 +1,13 @@
 """Text tokenizers that reproduce open_clip's token ids exactly, without torch or open_clip.
 
-Two kinds, named by the sidecar's ``tokenizer`` entry:
+The kinds the sidecar's ``tokenizer`` entry names:
 
 - ``clip_bpe``: OpenAI CLIP's byte-level BPE (open_clip's ``SimpleTokenizer``), implemented here; it
   needs the BPE merges file (``bpe_simple_vocab_16e6.txt.gz``, copied into the exported bundle) and
   the ``ftfy`` and ``regex`` packages (``pip install nvclip-fast[text]``).
 - ``hf``: a Hugging Face tokenizer (CLIPA's bert-base-uncased, SigLIP's sentencepiece) run the way
   open_clip's ``HFTokenizer`` runs it; needs ``transformers`` and the tokenizer's files on disk.
+- ``siglip``: open_clip's ``SigLipTokenizer`` (a sentencepiece vocabulary), from files in the bundle.
 
 Both return an int64 numpy array ``(len(texts), context_length)``.
 """
@@ -26,6 +27,11 @@ import numpy as np
 
 CLIP_BPE_KIND = "clip_bpe"
 HF_KIND = "hf"
+SIGLIP_KIND = "siglip"
+# open_clip's SigLipTokenizer pads with id 1 ("</s>"; 0 for the gemma vocabulary) and ends with EOS id 1.
+SIGLIP_PAD_ID = {"gemma": 0}
+SIGLIP_DEFAULT_PAD_ID = 1
+SIGLIP_EOS_ID = 1
 CLIP_BPE_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"  # the merges file open_clip ships
 DEFAULT_CONTEXT_LENGTH = 77
 
@@ -222,6 +228,7 @@ class HfTokenizer:
         context_length: int,
         clean: str = "whitespace",
         strip_sep_token: bool = False,
+        special_ids: dict[str, int] | None = None,
     ):
         if clean not in CLEAN_MODES:
             raise ValueError(f"unknown clean mode {clean!r}; expected one of {CLEAN_MODES}")
@@ -238,6 +245,8 @@ class HfTokenizer:
                 f"Hugging Face tokenizer {str(source)!r} is not available offline; export the model where "
                 "the tokenizer can be downloaded so its files are saved into the bundle"
             ) from e
+        for attribute, token_id in (special_ids or {}).items():  # e.g. SigLIP's pad/eos ids
+            setattr(self._tokenizer, attribute, token_id)
         self.context_length = context_length
         self.clean = clean
         self.strip_sep_token = strip_sep_token
@@ -275,6 +284,24 @@ def load_tokenizer(entry: dict[str, Any], base_dir: str | Path | None = None) ->
         if path is not None and not path.is_file():
             path = None  # bundle without its vocabulary: fall back to open_clip's copy, if installed
         return ClipBpeTokenizer(path, context_length=context_length, clean=entry.get("clean", "lower"))
+    if entry.get("mode"):
+        raise ValueError(f"tokenizer mode {entry['mode']!r} (open_clip tokenizer_mode) is not supported")
+    if kind == SIGLIP_KIND:
+        # open_clip's SigLipTokenizer: a T5/Gemma sentencepiece vocabulary, canonicalized text.
+        files = entry.get("files")
+        if not files or not (base / files).is_dir():
+            raise FileNotFoundError(
+                f"the SigLIP tokenizer {entry.get('name')!r} is not in the bundle (open_clip downloads its "
+                "vocabulary): export where it can be downloaded so its files are saved"
+            )
+        variant = entry.get("name", "")
+        special = {
+            "pad_token_id": SIGLIP_PAD_ID.get(variant, SIGLIP_DEFAULT_PAD_ID),
+            "eos_token_id": SIGLIP_EOS_ID,
+        }
+        return HfTokenizer(
+            base / files, context_length=context_length, clean="canonicalize", special_ids=special
+        )
     if kind == HF_KIND:
         files = entry.get("files")
         source = base / files if files and (base / files).is_dir() else entry.get("name")
@@ -286,4 +313,6 @@ def load_tokenizer(entry: dict[str, Any], base_dir: str | Path | None = None) ->
             clean=entry.get("clean", "whitespace"),
             strip_sep_token=bool(entry.get("strip_sep_token", False)),
         )
-    raise ValueError(f"unknown tokenizer kind {kind!r}; expected {CLIP_BPE_KIND!r} or {HF_KIND!r}")
+    raise ValueError(
+        f"unknown tokenizer kind {kind!r}; expected {CLIP_BPE_KIND!r}, {HF_KIND!r} or {SIGLIP_KIND!r}"
+    )
