@@ -17,6 +17,7 @@
 #include "normalize.h"
 #include "resize_normalize.h"
 #include "resize_normalize_stage.h"
+#include "resize_plan.h"
 #include "resize_normalize_kernel.h"
 #include "thread_pool.h"
 
@@ -124,6 +125,17 @@ void bind_resize_normalize(py::module_& m) {
       .def_readwrite("resize_mode", &PreprocessParams::resize_mode)
       .def_readwrite("fill", &PreprocessParams::fill)
       .def_readwrite("pass_order", &PreprocessParams::pass_order);
+
+  m.def(
+      "plan_resize",
+      [](int32_t height, int32_t width, const PreprocessParams& params) {
+        const ResizePlan plan = plan_resize(height, width, params);
+        auto axis = [](const AxisPlan& a) { return py::make_tuple(a.resized, a.first, a.count, a.pad_before); };
+        return py::make_tuple(axis(plan.y), axis(plan.x));
+      },
+      py::arg("height"), py::arg("width"), py::arg("params"),
+      "open_clip's geometry for a height x width image: per axis (y, x) the resized size, the first "
+      "resized pixel kept, how many are kept, and the padding before them. ValueError where open_clip fails.");
 
   m.def(
       "resize_normalize",

@@ -1,11 +1,10 @@
 """nvclip_fast.preprocess and PreprocessSpec: every accepted input kind, the errors, out=, and the
-measured difference for PIL modes that open_clip resizes in their own mode."""
+PIL modes open_clip resizes in their own mode (exact too, through Pillow)."""
 
 from __future__ import annotations
 
 import io
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from PIL import Image
 import nvclip_fast as nf
 from nvclip_fast import _C
 from nvclip_fast.preprocess import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, pass_order_for_pillow
-from preprocess_reference import SKIMAGE_DATA, assert_exact, levels_of, noise, photos, reference
+from preprocess_reference import SKIMAGE_DATA, assert_exact, noise, photos
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SPEC = nf.PreprocessSpec(size=224)
@@ -146,9 +145,7 @@ def test_every_input_kind_gives_the_same_pixels(rgb, expected, tmp_path):
     path.write_bytes(png.getvalue())
     padded = np.zeros((rgb.shape[0], rgb.shape[1] + 5, 3), np.uint8)
     padded[:, : rgb.shape[1]] = rgb
-    rgba = np.dstack(
-        [rgb, np.full(rgb.shape[:2], 9, np.uint8)]
-    )  # alpha is dropped, as by PIL's convert("RGB")
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])  # opaque: the same pixels
     kinds = {
         "numpy": rgb,
         "numpy rows padded": padded[:, : rgb.shape[1]],
@@ -240,7 +237,7 @@ def test_torch_is_not_imported_for_numpy_inputs():
             r"images\[1\]: cannot decode image file '/nonexistent/image.jpg'",
         ),
         (42, TypeError, r"images\[1\]: unsupported image type int"),
-        (Image.new("La", (4, 4)), ValueError, r"images\[1\]: cannot convert a 'La' image to RGB"),
+        (Image.new("La", (4, 4)), ValueError, r"images\[1\]: cannot transform a 'La' image"),
     ],
 )
 def test_bad_items_name_their_index(bad, error, message):
@@ -352,38 +349,33 @@ def _mode_inputs() -> dict[str, list[Image.Image]]:
     }
 
 
-def _documented_mode_differences() -> dict[str, tuple[int, float]]:
-    """README's table: mode -> (max |difference| in uint8 levels, % of values that differ)."""
-    rows = re.findall(r"^\| (.+?) \| .+? \| (\d+) \| ([\d.]+)% \|$", README.read_text(), flags=re.MULTILINE)
-    return {mode: (int(level), float(percent)) for mode, level, percent in rows}
+MODE_SPECS = (
+    nf.PreprocessSpec(size=224),
+    nf.PreprocessSpec(size=336, resize_mode="squash", interpolation="bilinear"),
+    nf.PreprocessSpec(size=224, resize_mode="longest", fill=77),  # pads, in the image's own mode
+)
 
 
-def test_other_pil_modes_differ_as_documented():
-    # ours: convert("RGB") first, then resize; open_clip: resize in the image's mode, then convert.
-    # Measured on these images with two configurations; README.md's table must state the result.
-    documented = _documented_mode_differences()
-    specs = (
-        nf.PreprocessSpec(size=224),
-        nf.PreprocessSpec(size=336, resize_mode="squash", interpolation="bilinear"),
-    )
-    measured = {}
+@pytest.mark.parametrize("spec", MODE_SPECS, ids=lambda s: f"{s.resize_mode}-{s.size}")
+def test_every_pil_mode_is_exact(spec):
+    # open_clip resizes these in their own mode (NEAREST for P and 1, premultiplied RGBA/LA, CMYK,
+    # YCbCr and 16-bit in their own space) and converts afterwards; decoding with the spec does
+    # the same through Pillow, so the result is open_clip's bit for bit.
     for mode, images in _mode_inputs().items():
-        diffs = []
-        for spec in specs:
-            ours = nf.preprocess(images, spec)
-            for image, got in zip(images, ours, strict=True):
-                diffs.append(
-                    np.abs(levels_of(spec, got).astype(np.int32) - reference(spec, image)[0]).ravel()
-                )
-        d = np.concatenate(diffs)
-        measured[mode] = (int(d.max()), round(100 * np.count_nonzero(d) / d.size, 3))
-    assert set(documented) == set(measured), (
-        f"README rows {sorted(documented)} vs measured {sorted(measured)}"
-    )
-    for mode, (level, percent) in measured.items():
-        assert documented[mode][0] == level, (
-            f"{mode}: measured max {level}, README says {documented[mode][0]}"
-        )
-        tolerance = max(0.001, 0.05 * percent)  # the README rounds; other Pillow builds may move a pixel
-        assert abs(documented[mode][1] - percent) <= tolerance, f"{mode}: measured {percent}%"
-    assert measured["RGBA, opaque"] == (0, 0.0)  # premultiplying by an alpha of 255 changes nothing
+        ours = nf.preprocess(images, spec)
+        for k, (image, got) in enumerate(zip(images, ours, strict=True)):
+            assert_exact(spec, got, image, f"{mode} #{k}")
+
+
+def test_rgba_arrays_are_rgba_images():
+    rgba = noise(np.random.default_rng(12), 90, 70, 4)
+    got = nf.preprocess([rgba], SPEC)[0]
+    assert_exact(SPEC, got, Image.fromarray(rgba, "RGBA"), "RGBA array")
+
+
+def test_without_spec_other_modes_are_converted_first():
+    # decode_image alone (no spec) only converts to RGB: alpha dropped, as convert("RGB") does.
+    rgba = noise(np.random.default_rng(13), 9, 7, 4)
+    np.testing.assert_array_equal(nf.decode_image(rgba), rgba[:, :, :3])
+    palette = Image.fromarray(noise(np.random.default_rng(14), 9, 7, 3)).quantize(16)
+    np.testing.assert_array_equal(nf.decode_image(palette), np.asarray(palette.convert("RGB")))

@@ -26,6 +26,7 @@ import numpy as np
 from .encoder import Encoder
 from .images import decode_image
 from .outputs import Checkpoint, Rows, atomic_path, check_output_path, read_output, write_errors, write_output
+from .preprocess import PreprocessSpec
 from .sources import Source, iter_sources
 
 DTYPES = ("float32", "float16")
@@ -113,7 +114,9 @@ class Progress:
             self.stream.flush()
 
 
-def _read_and_decode(source: Source, index: int) -> tuple[np.ndarray | None, str | None]:
+def _read_and_decode(
+    source: Source, index: int, spec: PreprocessSpec
+) -> tuple[np.ndarray | None, str | None]:
     if source.error is not None:
         return None, source.error
     try:
@@ -123,7 +126,7 @@ def _read_and_decode(source: Source, index: int) -> tuple[np.ndarray | None, str
     if not data:
         return None, "empty file"
     try:
-        return decode_image(data, index), None
+        return decode_image(data, index, spec), None
     except (ValueError, TypeError) as e:
         reason = str(e)
         prefix = f"images[{index}]: "
@@ -135,7 +138,7 @@ def _read_and_decode(source: Source, index: int) -> tuple[np.ndarray | None, str
 
 
 def _decoded(
-    sources: Sequence[Source], workers: int
+    sources: Sequence[Source], workers: int, spec: PreprocessSpec
 ) -> Iterator[tuple[Source, np.ndarray | None, str | None]]:
     """(source, pixels or None, error or None) in input order, decoded ``workers`` at a time."""
     ahead = max(1, workers * PREFETCH_PER_WORKER)
@@ -145,7 +148,7 @@ def _decoded(
         pending: collections.deque = collections.deque()
         try:
             for index, source in enumerate(sources):
-                pending.append((source, pool.submit(_read_and_decode, source, index)))
+                pending.append((source, pool.submit(_read_and_decode, source, index, spec)))
                 if len(pending) >= ahead:
                     s, f = pending.popleft()
                     yield (s, *f.result())
@@ -190,7 +193,7 @@ def embedded_items(
         while len(in_flight) > BATCHES_IN_FLIGHT:
             yield from settle(*in_flight.popleft())
 
-    for source, image, error in _decoded(sources, workers):
+    for source, image, error in _decoded(sources, workers, encoder.spec):
         item = Item(source.id, error=error)
         if image is not None:
             item.size = (int(image.shape[1]), int(image.shape[0]))

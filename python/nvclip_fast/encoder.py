@@ -342,7 +342,7 @@ class Encoder:
         ``offset`` is the caller's index of items[0]."""
 
         def one(position: int) -> Any:
-            return as_host_pixels(decode_image(items[position], offset + position))
+            return as_host_pixels(decode_image(items[position], offset + position, self.spec))
 
         slow = [i for i, item in enumerate(items) if not isinstance(item, np.ndarray)]
         pixels: list[Any] = [None] * len(items)

@@ -8,9 +8,11 @@ Decoding follows open_clip's pipeline (``transform(PIL.Image.open(f))``): files 
 with ``PIL.Image.open``, and no EXIF orientation is applied (PIL leaves it, and so does open_clip).
 RGB and gray ("L") pixels go to the kernel as they are, which is bit-exact with open_clip: it
 resizes in that mode and converts to RGB afterwards, and for gray that only replicates the channel.
-Images in other modes are converted with ``convert("RGB")`` first; open_clip resizes those in their
-own mode (palette images with NEAREST, RGBA premultiplied, CMYK in CMYK), so they can differ
-slightly (README, "Preprocessing"). RGBA arrays drop their alpha, as PIL's RGBA -> RGB conversion does.
+open_clip resizes images of other modes in their own mode (palette images with NEAREST, RGBA
+premultiplied, CMYK in CMYK, ...): given the ``spec``, those (and RGBA arrays) are resized and
+cropped by Pillow exactly as open_clip does, then converted, so every mode is exact and the kernel
+only normalizes them. Without a spec they are converted to RGB first (alpha dropped), which differs
+for those modes (README, "Preprocessing").
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from __future__ import annotations
 import io
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .preprocess import PreprocessSpec
 
 # PIL's RGBA/LA -> RGB/L conversions drop alpha; an (H, W, 4) array is taken as RGBA.
 _ALPHA_CHANNELS = 4
@@ -78,65 +83,100 @@ def _packed(x: Any, index: int, strides: Any, contiguous: Any) -> Any:
     return x if packed else contiguous(x)
 
 
-def _from_array(a: np.ndarray, index: int) -> np.ndarray:
+def _from_array(a: np.ndarray, index: int, spec: PreprocessSpec | None = None) -> np.ndarray:
     if a.dtype != np.uint8:
         raise ValueError(f"images[{index}]: expected uint8 pixels, got {a.dtype}")
+    if spec is not None and a.ndim == 3 and a.shape[2] == _ALPHA_CHANNELS and _check_shape(a.shape, index):
+        from PIL import Image  # an RGBA array is an RGBA image: resized premultiplied, as open_clip would
+
+        return _from_array(np.asarray(_pil_transform(Image.fromarray(a, "RGBA"), spec)), index)
     return _packed(a, index, lambda x: x.strides, np.ascontiguousarray)
 
 
-def _from_pil(image: Any, index: int) -> np.ndarray:
+def _from_pil(image: Any, index: int, spec: PreprocessSpec | None) -> np.ndarray:
     try:
         image.load()  # decodes a lazily opened file; truncated or corrupt data fails here
     except (OSError, ValueError, SyntaxError) as e:
         raise ValueError(f"images[{index}]: cannot decode the image: {e}") from e
     if image.mode not in _EXACT_PIL_MODES:
         try:
-            image = image.convert("RGB")
+            image = _pil_transform(image, spec) if spec is not None else image.convert("RGB")
         except ValueError as e:
-            raise ValueError(f"images[{index}]: cannot convert a {image.mode!r} image to RGB: {e}") from e
+            raise ValueError(f"images[{index}]: cannot transform a {image.mode!r} image: {e}") from e
     return _from_array(np.asarray(image), index)
 
 
-def _open(source: Any, what: str, index: int) -> np.ndarray:
+def _pil_transform(image: Any, spec: PreprocessSpec) -> Any:
+    """open_clip's resize and center crop/pad run by Pillow in the image's own mode, then
+    ``convert("RGB")``, as open_clip orders them: an S x S RGB image that the kernel then only
+    normalizes (it skips resampling when the size already matches). For the modes Pillow resizes
+    its own way (palette and bilevel with NEAREST, RGBA/LA premultiplied, CMYK, YCbCr, 16-bit in
+    their own space), this is what makes them exact too. The geometry is the kernel's own plan."""
+    from PIL import Image, ImageOps
+
+    from . import _C
+
+    (resized_h, first_y, count_y, pad_top), (resized_w, first_x, count_x, pad_left) = _C.plan_resize(
+        image.height, image.width, spec._params
+    )
+    if (resized_w, resized_h) != image.size:
+        resample = Image.Resampling.BICUBIC if spec.interpolation == "bicubic" else Image.Resampling.BILINEAR
+        image = image.resize((resized_w, resized_h), resample)
+    image = image.crop((first_x, first_y, first_x + count_x, first_y + count_y))
+    if (count_x, count_y) != (spec.size, spec.size):  # open_clip pads with fill, in the image's mode
+        bands = len(image.getbands())
+        fill = spec.fill if bands == 1 else (spec.fill,) * bands
+        border = (pad_left, pad_top, spec.size - pad_left - count_x, spec.size - pad_top - count_y)
+        palette = image.getpalette() if image.mode == "P" else None
+        image = ImageOps.expand(image, border=border, fill=fill)
+        if palette is not None:
+            image.putpalette(palette)
+    return image.convert("RGB")
+
+
+def _open(source: Any, what: str, index: int, spec: PreprocessSpec | None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(source) as image:
-            return _from_pil(image, index)
+            return _from_pil(image, index, spec)
     except Image.DecompressionBombError as e:  # Pillow's limit (Image.MAX_IMAGE_PIXELS) is respected
         raise ValueError(f"images[{index}]: {what} is too large to decode safely: {e}") from e
     except (OSError, UnidentifiedImageError, SyntaxError) as e:
         raise ValueError(f"images[{index}]: cannot decode {what}: {e}") from e
 
 
-def _from_tensor(t: Any, index: int) -> Any:
+def _from_tensor(t: Any, index: int, spec: PreprocessSpec | None) -> Any:
     import torch  # already imported by the caller (it passed a tensor)
 
     if t.dtype != torch.uint8:
         raise ValueError(f"images[{index}]: expected uint8 pixels, got {t.dtype}")
-    if t.is_cuda:
+    if t.is_cuda:  # RGBA on the device: alpha dropped (no Pillow on the GPU)
         return _packed(t, index, lambda x: x.stride(), lambda x: x.contiguous())
-    return _from_array(t.detach().numpy(), index)
+    return _from_array(t.detach().numpy(), index, spec)
 
 
-def decode_image(item: Any, index: int = 0) -> Any:
+def decode_image(item: Any, index: int = 0, spec: PreprocessSpec | None = None) -> Any:
     """One image as packed uint8 pixels: an (H, W) gray or (H, W, 3) RGB numpy array, or, for a
     CUDA tensor, a CUDA tensor of that shape. Rows may be padded (row stride >= W * C); channels
     and pixels are packed.
+
+    With ``spec`` (the preprocessing that will follow), images in modes other than RGB and L are
+    returned already resized and cropped by Pillow as open_clip does it (S x S RGB).
 
     Raises ``ValueError`` (bad dtype, channels, zero size, undecodable bytes or file) or
     ``TypeError`` (not an image) with ``images[index]:`` and what was wrong.
     """
     if isinstance(item, np.ndarray):
-        return _from_array(item, index)
+        return _from_array(item, index, spec)
     if isinstance(item, (str, os.PathLike)):
-        return _open(item, f"image file {os.fspath(item)!r}", index)
+        return _open(item, f"image file {os.fspath(item)!r}", index, spec)
     if isinstance(item, (bytes, bytearray, memoryview)):
-        return _open(io.BytesIO(bytes(item)), f"{len(item)} bytes of image data", index)
+        return _open(io.BytesIO(bytes(item)), f"{len(item)} bytes of image data", index, spec)
     if is_torch_tensor(item):
-        return _from_tensor(item, index)
+        return _from_tensor(item, index, spec)
     if is_pil_image(item):
-        return _from_pil(item, index)
+        return _from_pil(item, index, spec)
     raise TypeError(f"images[{index}]: unsupported image type {type(item).__name__}; expected {ACCEPTED}")
 
 

@@ -213,7 +213,7 @@ def preprocess(
     out: Any = None,
 ) -> Any:
     """open_clip's eval transform for a batch of images of any sizes: an ``(N, 3, S, S)`` array,
-    equal bit for bit to ``torch.stack([transform(PIL image) for ...])`` for RGB and gray images.
+    equal bit for bit to ``torch.stack([transform(PIL image) for ...])``.
 
     ``images``: a sequence of what :func:`nvclip_fast.images.decode_image` accepts (numpy arrays,
     PIL images, paths, bytes, uint8 torch tensors), sizes mixed freely. ``device="cpu"`` returns
@@ -232,7 +232,7 @@ def preprocess(
     if device_type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or a CUDA device, got {device!r}")
     if device_type == "cpu":
-        pixels = [as_host_pixels(decode_image(item, i)) for i, item in enumerate(items)]
+        pixels = [as_host_pixels(decode_image(item, i, spec)) for i, item in enumerate(items)]
         result = _host_out(out, shape, dtype_name)
         _C.resize_normalize(pixels, spec._params, getattr(_C.OutputDType, dtype_name), result, n_threads)
         return result
@@ -283,7 +283,7 @@ def _preprocess_cuda(
         stream = torch.cuda.current_stream(dev)
         tensors = []
         for i, item in enumerate(items):
-            pixels = decode_image(item, i)
+            pixels = decode_image(item, i, spec)
             if isinstance(pixels, np.ndarray):
                 with warnings.catch_warnings():  # arrays of PIL images are read-only; torch only reads
                     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
