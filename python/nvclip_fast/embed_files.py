@@ -24,7 +24,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from .encoder import Encoder
-from .images import decode_image
+from .images import Sized, decode_image_sized
 from .outputs import Checkpoint, Rows, atomic_path, check_output_path, read_output, write_errors, write_output
 from .preprocess import PreprocessSpec
 from .sources import Source, iter_sources
@@ -114,9 +114,8 @@ class Progress:
             self.stream.flush()
 
 
-def _read_and_decode(
-    source: Source, index: int, spec: PreprocessSpec
-) -> tuple[np.ndarray | None, str | None]:
+def _read_and_decode(source: Source, index: int, spec: PreprocessSpec) -> tuple[Sized | None, str | None]:
+    """(decoded (pixels, (width, height)) or None, error or None) for one source."""
     if source.error is not None:
         return None, source.error
     try:
@@ -126,7 +125,7 @@ def _read_and_decode(
     if not data:
         return None, "empty file"
     try:
-        return decode_image(data, index, spec), None
+        return decode_image_sized(data, index, spec), None
     except (ValueError, TypeError) as e:
         reason = str(e)
         prefix = f"images[{index}]: "
@@ -139,7 +138,7 @@ def _read_and_decode(
 
 def _decoded(
     sources: Sequence[Source], workers: int, spec: PreprocessSpec
-) -> Iterator[tuple[Source, np.ndarray | None, str | None]]:
+) -> Iterator[tuple[Source, Sized | None, str | None]]:
     """(source, pixels or None, error or None) in input order, decoded ``workers`` at a time."""
     ahead = max(1, workers * PREFETCH_PER_WORKER)
     with concurrent.futures.ThreadPoolExecutor(
@@ -193,10 +192,10 @@ def embedded_items(
         while len(in_flight) > BATCHES_IN_FLIGHT:
             yield from settle(*in_flight.popleft())
 
-    for source, image, error in _decoded(sources, workers, encoder.spec):
+    for source, decoded, error in _decoded(sources, workers, encoder.spec):
         item = Item(source.id, error=error)
-        if image is not None:
-            item.size = (int(image.shape[1]), int(image.shape[0]))
+        if decoded is not None:
+            image, item.size = decoded
             pixels.append(image)
         group.append(item)
         if len(pixels) >= batch:

@@ -83,27 +83,32 @@ def _packed(x: Any, index: int, strides: Any, contiguous: Any) -> Any:
     return x if packed else contiguous(x)
 
 
-def _from_array(a: np.ndarray, index: int, spec: PreprocessSpec | None = None) -> np.ndarray:
+Sized = tuple[Any, tuple[int, int]]  # (pixels, (width, height) of the image as given)
+
+
+def _from_array(a: np.ndarray, index: int, spec: PreprocessSpec | None = None) -> Sized:
     if a.dtype != np.uint8:
         raise ValueError(f"images[{index}]: expected uint8 pixels, got {a.dtype}")
+    size = (int(a.shape[1]), int(a.shape[0])) if a.ndim >= 2 else (0, 0)
     if spec is not None and a.ndim == 3 and a.shape[2] == _ALPHA_CHANNELS and _check_shape(a.shape, index):
         from PIL import Image  # an RGBA array is an RGBA image: resized premultiplied, as open_clip would
 
-        return _from_array(np.asarray(_pil_transform(Image.fromarray(a, "RGBA"), spec)), index)
-    return _packed(a, index, lambda x: x.strides, np.ascontiguousarray)
+        return _from_array(np.asarray(_pil_transform(Image.fromarray(a, "RGBA"), spec)), index)[0], size
+    return _packed(a, index, lambda x: x.strides, np.ascontiguousarray), size
 
 
-def _from_pil(image: Any, index: int, spec: PreprocessSpec | None) -> np.ndarray:
+def _from_pil(image: Any, index: int, spec: PreprocessSpec | None) -> Sized:
     try:
         image.load()  # decodes a lazily opened file; truncated or corrupt data fails here
     except (OSError, ValueError, SyntaxError) as e:
         raise ValueError(f"images[{index}]: cannot decode the image: {e}") from e
+    size = image.size
     if image.mode not in _EXACT_PIL_MODES:
         try:
             image = _pil_transform(image, spec) if spec is not None else image.convert("RGB")
         except ValueError as e:
             raise ValueError(f"images[{index}]: cannot transform a {image.mode!r} image: {e}") from e
-    return _from_array(np.asarray(image), index)
+    return _from_array(np.asarray(image), index)[0], size
 
 
 def _pil_transform(image: Any, spec: PreprocessSpec) -> Any:
@@ -134,7 +139,7 @@ def _pil_transform(image: Any, spec: PreprocessSpec) -> Any:
     return image.convert("RGB")
 
 
-def _open(source: Any, what: str, index: int, spec: PreprocessSpec | None) -> np.ndarray:
+def _open(source: Any, what: str, index: int, spec: PreprocessSpec | None) -> Sized:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -146,13 +151,14 @@ def _open(source: Any, what: str, index: int, spec: PreprocessSpec | None) -> np
         raise ValueError(f"images[{index}]: cannot decode {what}: {e}") from e
 
 
-def _from_tensor(t: Any, index: int, spec: PreprocessSpec | None) -> Any:
+def _from_tensor(t: Any, index: int, spec: PreprocessSpec | None) -> Sized:
     import torch  # already imported by the caller (it passed a tensor)
 
     if t.dtype != torch.uint8:
         raise ValueError(f"images[{index}]: expected uint8 pixels, got {t.dtype}")
     if t.is_cuda:  # RGBA on the device: alpha dropped (no Pillow on the GPU)
-        return _packed(t, index, lambda x: x.stride(), lambda x: x.contiguous())
+        size = (int(t.shape[1]), int(t.shape[0])) if t.ndim >= 2 else (0, 0)
+        return _packed(t, index, lambda x: x.stride(), lambda x: x.contiguous()), size
     return _from_array(t.detach().numpy(), index, spec)
 
 
@@ -167,6 +173,11 @@ def decode_image(item: Any, index: int = 0, spec: PreprocessSpec | None = None) 
     Raises ``ValueError`` (bad dtype, channels, zero size, undecodable bytes or file) or
     ``TypeError`` (not an image) with ``images[index]:`` and what was wrong.
     """
+    return decode_image_sized(item, index, spec)[0]
+
+
+def decode_image_sized(item: Any, index: int = 0, spec: PreprocessSpec | None = None) -> Sized:
+    """``decode_image`` and the image's own (width, height), as stored (before any resize)."""
     if isinstance(item, np.ndarray):
         return _from_array(item, index, spec)
     if isinstance(item, (str, os.PathLike)):
