@@ -110,11 +110,13 @@ class PyEngine : public Engine, public py::trampoline_self_life_support {
 // The Python object of an EngineRunner: close() detaches the engine before the object goes away.
 class PyEngineRunner {
  public:
-  explicit PyEngineRunner(std::shared_ptr<Engine> engine) : runner_(std::make_unique<EngineRunner>(std::move(engine))) {}
+  explicit PyEngineRunner(std::shared_ptr<Engine> engine) : runner_(std::make_shared<EngineRunner>(std::move(engine))) {}
 
   py::dict run(const py::dict& arrays) {
-    if (!runner_) throw EngineError("this EngineRunner is closed");
-    const EngineInfo& io = runner_->engine().info();
+    // A reference of our own: close() from another thread cannot free the runner under this call.
+    const std::shared_ptr<EngineRunner> runner = runner_;
+    if (!runner) throw EngineError("this EngineRunner is closed");
+    const EngineInfo& io = runner->engine().info();
     std::vector<py::array> inputs;
     int64_t batch = -1;
     for (const TensorSpec& spec : io.inputs) {
@@ -144,18 +146,19 @@ class PyEngineRunner {
     }
     {
       py::gil_scoped_release release;  // a Python engine takes the GIL back for its own call
-      runner_->run(batch, in.data(), out.data());
+      runner->run(batch, in.data(), out.data());
     }
     return result;
   }
 
   void close() {
+    std::shared_ptr<EngineRunner> runner = std::move(runner_);  // (a run in flight keeps its own)
     py::gil_scoped_release release;
-    runner_.reset();
+    runner.reset();
   }
 
  private:
-  std::unique_ptr<EngineRunner> runner_;
+  std::shared_ptr<EngineRunner> runner_;  // read and reset with the GIL held
 };
 
 #if !NVCLIP_WITH_TENSORRT

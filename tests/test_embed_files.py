@@ -345,3 +345,108 @@ def test_classify_argument_errors(encoder):
         encoder.classify([np.zeros((4, 4, 3), np.uint8)], ["cat"], ["a photo"])
     with pytest.raises(ValueError, match="labels is empty"):
         encoder.classify([np.zeros((4, 4, 3), np.uint8)], [])
+
+
+def test_resume_with_other_inputs_keeps_one_row_per_image(encoder, messy, tmp_path):
+    root, good, _ = messy
+    out = tmp_path / "emb.npy"
+    nf.embed_files([root / "a_photos"], encoder, out, progress=False)
+    summary = nf.embed_files(
+        [root / "c_shard.tar", root / "a_photos" / "gray.png"], encoder, out, resume=True, progress=False
+    )
+    assert (summary.embedded, summary.resumed) == (2, 1)
+    ids = (tmp_path / "emb.paths.txt").read_text().splitlines()
+    assert len(ids) == len(set(ids)) == len(good)  # nothing lost, nothing twice
+    # the inputs given now first, in their order; rows of earlier inputs after them
+    assert ids[:3] == [*good[:2], str(root / "a_photos" / "gray.png")]
+    embeddings = np.load(out)
+    for k in (0, 2, 5):
+        np.testing.assert_allclose(embeddings[k], _reference(encoder, ids[k]), atol=ROW_ATOL)
+
+
+def test_resume_refuses_another_model(bundle, messy, tmp_path, capsys):
+    root, _, _ = messy
+    out = tmp_path / "emb.parquet"
+    assert (
+        cli.main(["embed", str(root / "a_photos"), "-m", str(bundle), "-o", str(out), "--no-progress"]) == 0
+    )
+    code = cli.main(
+        [
+            "embed",
+            str(root / "a_photos"),
+            "-m",
+            str(bundle),
+            "-o",
+            str(out),
+            "--no-progress",
+            "--resume",
+            "--dtype",
+            "float16",
+        ]
+    )
+    assert code == cli.EXIT_USAGE
+    assert "holds rows with dtype='float32'" in capsys.readouterr().err
+
+
+class ScaledEngine(nf._C.Engine):
+    """Embeddings that are not L2-normalized (a third-party engine): mean pixel value per channel,
+    times ten, plus a constant."""
+
+    def __init__(self, size: int):
+        super().__init__(
+            nf._C.EngineInfo(
+                [nf._C.TensorSpec("pixels", "float32", [-1, 3, size, size])],
+                [nf._C.TensorSpec("embeds", "float32", [-1, 4])],
+                (1, 4, 4),
+            )
+        )
+
+    def enqueue(self, batch, inputs, outputs, stream):
+        x = inputs["pixels"]
+        outputs["embeds"][:, :3] = 10 * x.mean(axis=(2, 3))
+        outputs["embeds"][:, 3] = 3
+
+
+class CountingTextEngine(nf._C.Engine):
+    """Text 'embeddings' from token ids: (number of tokens, 1, 2, 3), not normalized."""
+
+    CONTEXT = 16
+
+    def __init__(self):
+        super().__init__(
+            nf._C.EngineInfo(
+                [nf._C.TensorSpec("ids", "int64", [-1, self.CONTEXT])],
+                [nf._C.TensorSpec("embeds", "float32", [-1, 4])],
+                (1, 4, 4),
+            )
+        )
+
+    def enqueue(self, batch, inputs, outputs, stream):
+        outputs["embeds"][:] = [1, 1, 2, 3]
+        outputs["embeds"][:, 0] = (inputs["ids"] != 0).sum(axis=1)
+
+
+def test_job_rows_equal_encoder_embed_for_unnormalized_engines(messy, tmp_path):
+    from nvclip_fast.tokenizer import ClipBpeTokenizer
+
+    _, good, _ = messy
+    spec = nf.PreprocessSpec(size=16)
+    text, tokenizer = (
+        CountingTextEngine(),
+        lambda: ClipBpeTokenizer(context_length=CountingTextEngine.CONTEXT),
+    )
+    with nf.Encoder.from_engine(ScaledEngine(16), spec, text=text, tokenizer=tokenizer) as enc:
+        summary = nf.embed_files(good[2:], enc, tmp_path / "e.npy", progress=False)
+        assert summary.ok
+        np.testing.assert_allclose(np.load(tmp_path / "e.npy"), enc.embed(good[2:]), atol=1e-6)
+        (predictions, _) = nf.classify_files(good[2:4], enc, ["a cat", "b"], progress=False)
+        direct = enc.classify(good[2:4], ["a cat", "b"])
+    for p, ranked in zip(predictions, direct, strict=True):
+        assert p.labels == [label for label, _ in ranked]
+        np.testing.assert_allclose(p.probs, [prob for _, prob in ranked], rtol=1e-5)
+        assert p.probs[0] > p.probs[1]  # the labels are told apart
+
+
+def test_classify_files_checks_top_k(encoder, messy):
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        nf.classify_files([messy[0]], encoder, ["a"], top_k=0)

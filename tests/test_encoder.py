@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import json
 import re
 import shutil
 import threading
@@ -433,3 +434,60 @@ def test_tensorrt_plan_matches_open_clip(tiny, tmp_path):
         text = enc.embed_text(["a photo of a cat"])
     assert cosines(got, open_clip_image_embeds(model, [Image.fromarray(a) for a in images])).min() >= 0.9999
     assert text.shape == (1, 32)
+
+
+def test_stale_sidecar_is_refused(tiny, tmp_path):
+    _, onnx_path = tiny
+    for path in onnx_path.parent.iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    sidecar = json.loads((tmp_path / "tiny.json").read_text())
+    sidecar["embed_dim"] = 64
+    for tower in sidecar["towers"].values():
+        tower["output"]["shape"][1] = 64
+    (tmp_path / "tiny.json").write_text(json.dumps(sidecar))
+    with pytest.raises(nf.EngineError, match=r"does not describe .*-> 64-d, the engine takes 32 px -> 32-d"):
+        Encoder(tmp_path / "tiny.onnx", device="cpu")
+
+
+def test_fixed_batch_onnx_is_padded(tiny, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    _, onnx_path = tiny
+    model = onnx.load(str(onnx_path))  # external data loaded too
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1  # as an export with a batch-1 example gives
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(model, str(fixed))
+    images = random_images(3, seed=14)
+    with pytest.warns(UserWarning, match="no sidecar"):
+        enc = Encoder(fixed, device="cpu")
+    with enc:
+        assert enc.max_batch == 1
+        np.testing.assert_allclose(
+            enc.embed(images), Encoder(onnx_path, device="cpu").embed(images), atol=ROW_ATOL
+        )
+
+
+def test_preprocessing_refusal_names_the_callers_index():
+    # open_clip's 'longest' resize rounds a 1 x 1000 image's height to 0 pixels and fails: so do we,
+    # for that image only, naming its index among the caller's items (after a decode failure).
+    spec = nf.PreprocessSpec(size=8, resize_mode="longest")
+    white = (1.0 - spec.mean[0]) / spec.std[0]
+    thin, ok = np.zeros((1, 1000, 3), np.uint8), np.full((8, 8, 3), 10, np.uint8)
+    with Encoder.from_engine(MarkerEngine(spec, white), spec, max_batch=2) as enc:
+        got = enc.embed([ok, b"not an image", thin, ok], on_error="nan", normalize=False)
+        assert np.isnan(got).all(axis=1).tolist() == [False, True, True, False]
+        with pytest.raises(ItemError, match=r"images\[2\]: a 1x1000 image resizes to 0x8") as info:
+            enc.embed([ok, ok, thin])
+        assert info.value.index == 2
+
+
+def test_a_failure_while_finishing_reaches_the_caller(encoder, monkeypatch):
+    from nvclip_fast import encoder as encoder_module
+
+    def broken(x):
+        raise RuntimeError("finishing failed")
+
+    monkeypatch.setattr(encoder_module, "l2_normalize", broken)
+    future = encoder.submit(random_images(2, seed=15))
+    with pytest.raises(RuntimeError, match="finishing failed"):
+        future.result(timeout=TIMEOUT_S)  # an exception, never a Future left pending

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 import tarfile
 
 import numpy as np
@@ -13,8 +15,11 @@ from PIL import Image
 from nvclip_fast.outputs import (
     Checkpoint,
     Rows,
+    Segment,
+    assemble,
+    output_metadata,
+    output_segments,
     read_output,
-    read_parquet_metadata,
     sibling,
     write_errors,
     write_output,
@@ -114,64 +119,118 @@ def _rows(n: int, dim: int = 4, dtype=np.float32, start: int = 0) -> Rows:
     )
 
 
+def _write(out, rows: Rows, dtype="float32", metadata=None, block_rows=3):
+    blocks = [
+        Rows(
+            rows.ids[i : i + block_rows],
+            rows.embeddings[i : i + block_rows],
+            rows.widths[i : i + block_rows],
+            rows.heights[i : i + block_rows],
+        )
+        for i in range(0, len(rows.ids), block_rows)
+    ]
+    write_output(out, rows.ids, blocks, rows.embeddings.shape[1], dtype, metadata)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_parquet_round_trip(tmp_path, dtype):
     out = tmp_path / "emb.parquet"
     rows = _rows(5, dtype=dtype)
-    write_output(out, rows, {"model": "tiny", "embed_dim": 4})
+    _write(out, rows, np.dtype(dtype).name, {"model": "tiny", "embed_dim": 4})
     back = read_output(out)
     assert back.ids == rows.ids
     assert back.embeddings.dtype == dtype
     np.testing.assert_array_equal(back.embeddings, rows.embeddings)
     np.testing.assert_array_equal(back.widths, rows.widths)
     np.testing.assert_array_equal(back.heights, rows.heights)
-    assert read_parquet_metadata(out) == {"model": "tiny", "embed_dim": 4}
+    assert output_metadata(out) == {"model": "tiny", "embed_dim": 4}
     assert [p.name for p in tmp_path.iterdir()] == ["emb.parquet"]  # no temporary left behind
+
+
+def test_outputs_are_readable_by_others(tmp_path):
+    out = tmp_path / "emb.parquet"
+    old = os.umask(0o022)
+    try:
+        _write(out, _rows(2))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # not mkstemp's 0600
 
 
 def test_npy_round_trip_with_paths(tmp_path):
     out = tmp_path / "emb.npy"
-    rows = _rows(3)
-    write_output(out, rows)
+    rows = _rows(7)
+    _write(out, rows)
     assert sibling(out, ".paths.txt").read_text().splitlines() == rows.ids
     back = read_output(out)
     np.testing.assert_array_equal(back.embeddings, rows.embeddings)
     assert back.ids == rows.ids
+    assert output_metadata(out) == {"embed_dim": 4, "dtype": "float32"}
 
 
-def test_failed_write_leaves_previous_output(tmp_path, monkeypatch):
+def test_failed_write_leaves_the_previous_pair(tmp_path):
     out = tmp_path / "emb.npy"
-    write_output(out, _rows(2))
-    before = out.read_bytes()
+    _write(out, _rows(2))
+    before = out.read_bytes(), sibling(out, ".paths.txt").read_text()
 
-    def broken_save(*args, **kwargs):
+    def broken_blocks():
+        yield _rows(3)
         raise OSError("disk full")
 
-    monkeypatch.setattr(np, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        write_output(out, _rows(9))
-    assert out.read_bytes() == before
+        write_output(out, _rows(9).ids, broken_blocks(), 4, "float32")
+    assert (out.read_bytes(), sibling(out, ".paths.txt").read_text()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "emb.paths.txt"]
+
+
+def test_inconsistent_npy_pair_is_ignored_with_a_warning(tmp_path):
+    out = tmp_path / "emb.npy"
+    _write(out, _rows(2))
+    sibling(out, ".paths.txt").write_text("a\nb\nc\n")  # as if a crash hit between the two renames
+    with pytest.warns(UserWarning, match="embedded again"):
+        assert output_segments(out) == []
 
 
 def test_bad_output_name_and_row_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"expected a \.parquet or \.npy file name"):
-        write_output(tmp_path / "emb.csv", _rows(1))
+        write_output(tmp_path / "emb.csv", [], [], 4, "float32")
     with pytest.raises(ValueError, match="rows disagree"):
         Rows(["a"], np.zeros((2, 4)), np.zeros(2), np.zeros(2))
+
+
+def test_assemble_in_order_last_segment_wins():
+    first, second = _rows(4), _rows(3, start=2)  # img2, img3 stored twice: the second copy wins
+    segments = [Segment(r.ids, lambda r=r: r) for r in (first, second)]
+    order = ["img4.png", "img0.png", "img3.png", "img1.png", "img2.png"]
+    blocks = list(assemble(order, segments, block_rows=2))
+    assert [len(b.ids) for b in blocks] == [2, 2, 1]
+    got = np.concatenate([b.embeddings for b in blocks])
+    want = np.stack(
+        [
+            second.embeddings[2],
+            first.embeddings[0],
+            second.embeddings[1],
+            first.embeddings[1],
+            second.embeddings[0],
+        ]
+    )
+    np.testing.assert_array_equal(got, want)
 
 
 def test_checkpoint_chunks(tmp_path):
     out = tmp_path / "emb.parquet"
     checkpoint = Checkpoint(out)
     assert not checkpoint.exists()
+    checkpoint.start({"model": "tiny"})
     checkpoint.append(_rows(2))
     checkpoint.append(_rows(3, start=2))
     again = Checkpoint(out)
-    loaded = Rows.concat(again.load(), 4, np.float32)
-    assert loaded.ids == [f"img{i}.png" for i in range(5)]
-    again.append(_rows(1, start=5))  # numbering continues after the loaded chunks
-    assert len(Rows.concat(Checkpoint(out).load(), 4, np.float32).ids) == 6
+    assert again.metadata() == {"model": "tiny"}
+    assert [i for s in again.segments() for i in s.ids] == [f"img{i}.png" for i in range(5)]
+    np.testing.assert_array_equal(again.segments()[1].load().embeddings, _rows(3, start=2).embeddings)
+    (checkpoint.dir / "chunk-000000.npz").unlink()  # a gap: numbering continues after the last chunk
+    again.append(_rows(1, start=5))
+    assert sorted(p.name for p in checkpoint.dir.glob("chunk-*")) == ["chunk-000001.npz", "chunk-000002.npz"]
     again.clear()
     assert not checkpoint.exists()
 
@@ -186,3 +245,30 @@ def test_errors_jsonl(tmp_path):
         {"path": "a.png", "error": "empty file"},
         {"path": "b.tar", "error": "unreadable tar shard"},
     ]
+
+
+def test_non_utf8_names_become_storable_ids(tmp_path):
+    name = os.fsdecode(b"caf\xe9.png")  # not UTF-8: os gives it with a surrogate escape
+    (tmp_path / name).write_bytes(_png_bytes())
+    (source,) = iter_sources([tmp_path])
+    assert source.id == str(tmp_path / "caf\\xe9.png")
+    assert source.read() == _png_bytes()
+    source.id.encode("utf-8")  # storable in Parquet and .paths.txt
+
+
+def test_unreadable_directory_is_an_error_item(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "a.png").write_bytes(_png_bytes())
+    (tmp_path / "b.png").write_bytes(_png_bytes())
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as if `locked` had no read permission (tests may run as root)
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    sources = list(iter_sources([tmp_path]))
+    assert [s.id for s in sources] == [str(tmp_path / "b.png"), str(locked)]
+    assert sources[1].error == "unreadable directory: Permission denied"

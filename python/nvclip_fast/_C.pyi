@@ -108,6 +108,16 @@ class TrtEngine(Engine):
     def library_version(self) -> int: ...
     def warnings(self) -> list[str]: ...
 
+class EngineRunner:
+    """Runs an engine synchronously on numpy arrays, outside any BatchQueue (the text tower)."""
+
+    def __init__(self, engine: Engine) -> None: ...
+    def run(self, inputs: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        """{input name: `batch` rows} -> {output name: rows}; batch in [1, profile max]."""
+    def close(self) -> None: ...
+
+def cuda_stream_synchronize(stream: int) -> None: ...
+
 # --- batch queue -------------------------------------------------------------------------------
 
 class PreprocessStage:
@@ -226,6 +236,23 @@ class PreprocessParams:
     fill: int
     pass_order: PassOrder
     def __init__(self) -> None: ...
+
+def plan_resize(
+    height: int, width: int, params: PreprocessParams
+) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """open_clip's geometry per axis (y, x): (resized size, first kept, count kept, padding before)."""
+
+class ResizeNormalizeStage(PreprocessStage):
+    """The queue's preprocessing: resize_normalize into the engine input ('cpu': CPU twin on
+    `threads` threads, 0 = every core; 'cuda': the kernel)."""
+
+    def __init__(
+        self, params: PreprocessParams, device: Literal["cpu", "cuda"] = "cpu", threads: int = 0
+    ) -> None: ...
+    @property
+    def params(self) -> PreprocessParams: ...
+    @property
+    def threads(self) -> int: ...
 
 def resize_normalize(
     images: list[npt.NDArray[np.uint8]],

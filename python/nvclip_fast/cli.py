@@ -8,7 +8,7 @@ import shlex
 import sys
 
 from . import _C, __version__, build_info, metadata
-from .embed_files import CHECKPOINT_ROWS, classify_files, embed_files, write_predictions
+from .embed_files import CHECKPOINT_ROWS, DTYPES, classify_files, embed_files, write_predictions
 
 # Exit codes of `nvclip-fast export` (argparse itself exits 2 on malformed arguments).
 EXIT_OK = 0
@@ -142,7 +142,12 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError, _C.EngineError, ImportError) as e:
+    except (
+        ValueError,
+        OSError,
+        _C.EngineError,
+        ImportError,
+    ) as e:  # OSError: FileNotFoundError, write errors
         return _job_fail("embed", e)
     print(summary.line(), file=sys.stderr)
     return EXIT_OK if summary.ok else EXIT_SOME_FAILED
@@ -169,14 +174,14 @@ def _cmd_classify(args: argparse.Namespace) -> int:
             workers=args.workers,
             progress=False if args.no_progress else None,
         )
+        if args.output:
+            write_predictions(args.output, predictions)
     except KeyboardInterrupt:
         print("nvclip-fast classify: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError, OSError, _C.EngineError, ImportError) as e:
+    except (ValueError, OSError, _C.EngineError, ImportError) as e:
         return _job_fail("classify", e)
-    if args.output:
-        write_predictions(args.output, predictions)
-    else:
+    if not args.output:
         for p in predictions:
             shown = (
                 p.error
@@ -214,7 +219,7 @@ def _add_embed_parsers(sub: argparse._SubParsersAction) -> None:
     )
     _add_job_options(p)
     p.add_argument("-o", "--output", required=True, help="OUT.parquet or OUT.npy (+ OUT.paths.txt)")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored embedding type")
+    p.add_argument("--dtype", choices=DTYPES, default=DTYPES[0], help="stored embedding type")
     p.add_argument(
         "--resume", action="store_true", help="skip images already in OUT or saved by an interrupted run"
     )

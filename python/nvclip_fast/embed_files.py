@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,19 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .encoder import Encoder
-from .images import Sized, decode_image_sized
-from .outputs import Checkpoint, Rows, atomic_path, check_output_path, read_output, write_errors, write_output
+from .encoder import Encoder, l2_normalize, top_labels
+from .images import Sized, decode_image_sized, ordered_map
+from .outputs import (
+    Checkpoint,
+    Rows,
+    assemble,
+    atomic_path,
+    check_output_path,
+    output_metadata,
+    output_segments,
+    write_errors,
+    write_output,
+)
 from .preprocess import PreprocessSpec
 from .sources import Source, iter_sources
 
@@ -139,24 +150,18 @@ def _read_and_decode(source: Source, index: int, spec: PreprocessSpec) -> tuple[
 def _decoded(
     sources: Sequence[Source], workers: int, spec: PreprocessSpec
 ) -> Iterator[tuple[Source, Sized | None, str | None]]:
-    """(source, pixels or None, error or None) in input order, decoded ``workers`` at a time."""
-    ahead = max(1, workers * PREFETCH_PER_WORKER)
+    """(source, decoded or None, error or None) in input order, decoded ``workers`` at a time."""
     with concurrent.futures.ThreadPoolExecutor(
         max_workers=workers, thread_name_prefix="nvclip-decode"
     ) as pool:
-        pending: collections.deque = collections.deque()
-        try:
-            for index, source in enumerate(sources):
-                pending.append((source, pool.submit(_read_and_decode, source, index, spec)))
-                if len(pending) >= ahead:
-                    s, f = pending.popleft()
-                    yield (s, *f.result())
-            while pending:
-                s, f = pending.popleft()
-                yield (s, *f.result())
-        finally:
-            for _, f in pending:
-                f.cancel()
+        futures = ordered_map(
+            pool,
+            lambda source, k: _read_and_decode(source, k, spec),
+            sources,
+            max(1, workers * PREFETCH_PER_WORKER),
+        )
+        for source, future in zip(sources, futures, strict=False):
+            yield (source, *future.result())
 
 
 def embedded_items(
@@ -175,6 +180,7 @@ def embedded_items(
                 item.error = f"engine failed: {e}"
             return items
         good = [item for item in items if item.error is None]
+        rows = l2_normalize(rows)  # what Encoder.embed returns for the same images
         for item, row, why in zip(good, rows, item_errors, strict=True):
             if why:
                 item.error = f"preprocessing failed: {why}"
@@ -207,11 +213,12 @@ def embedded_items(
 
 
 def _open_encoder(
-    model: str | os.PathLike[str] | Encoder, device: str, batch: int | None, workers: int
+    model: str | os.PathLike[str] | Encoder, device: str, batch: int | None
 ) -> tuple[Encoder, bool]:
+    """The Encoder to use and whether this job owns it (and closes it)."""
     if isinstance(model, Encoder):
         return model, False
-    return Encoder(model, device=device, max_batch=batch, threads=workers), True
+    return Encoder(model, device=device, max_batch=batch), True
 
 
 def _workers(workers: int | None) -> int:
@@ -246,55 +253,48 @@ def embed_files(
     start = time.monotonic()
     sources, duplicates = _dedupe(iter_sources(inputs))
     checkpoint = Checkpoint(out_path)
-    previous: list[Rows] = []
-    if resume:
-        old = read_output(out_path)
-        previous = ([old] if old is not None else []) + checkpoint.load()
-    elif checkpoint.exists():
-        checkpoint.clear()  # a fresh run: an earlier interrupted run's rows are not reused
-    done_ids = {i for rows in previous for i in rows.ids}
-    todo = [s for s in sources if s.id not in done_ids]
-
-    w = _workers(workers)
-    encoder, owned = _open_encoder(model, device, batch, w)
-    bar = Progress(len(todo), progress)
-    errors: list[tuple[str, str]] = []
-    fresh: list[Item] = []
-    embedded = 0
+    encoder, owned = _open_encoder(model, device, batch)
     try:
-        for item in embedded_items(encoder, todo, workers=w, batch=batch or encoder.max_batch):
-            if item.row is None:
-                errors.append((item.id, item.error or "unknown error"))
-            else:
-                fresh.append(item)
-                embedded += 1
-                if len(fresh) >= checkpoint_rows:
-                    checkpoint.append(_rows(fresh, dtype))
-                    fresh = []
-            bar.advance()
+        job = _job_metadata(encoder, dtype)
+        if resume:
+            _check_same_job(out_path, checkpoint, job)
+            done_ids = {
+                i for segment in [*output_segments(out_path), *checkpoint.segments()] for i in segment.ids
+            }
+        else:
+            if checkpoint.exists():
+                warnings.warn(
+                    f"{checkpoint.dir}: an unfinished run's rows are discarded (use --resume to keep them)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                checkpoint.clear()
+            done_ids = set()
+        checkpoint.start(job)
+        todo = [s for s in sources if s.id not in done_ids]
+        errors, embedded = _embed_into(
+            checkpoint,
+            encoder,
+            todo,
+            workers=_workers(workers),
+            batch=batch or encoder.max_batch,
+            dtype=dtype,
+            checkpoint_rows=checkpoint_rows,
+            progress=progress,
+        )
+        # Everything stored (the previous output when resuming, and every checkpoint chunk), in input
+        # order; rows of earlier inputs not given this time are kept after them.
+        segments = [*(output_segments(out_path) if resume else []), *checkpoint.segments()]
+        stored = dict.fromkeys(i for segment in segments for i in segment.ids)
+        order = [s.id for s in sources if s.id in stored]
+        given = set(order)
+        order += [i for i in stored if i not in given]
+        write_output(out_path, order, assemble(order, segments), encoder.dim, dtype, job)
+        errors_path = write_errors(out_path, errors)
+        checkpoint.clear()
     except BaseException:
-        # Interrupted (Ctrl-C) or failed: keep what is done for --resume; OUT stays as it was.
-        checkpoint.append(_rows(fresh, dtype))
         encoder_close(encoder, owned, cancel=True)
-        bar.finish()
         raise
-    bar.finish()
-    checkpoint.append(_rows(fresh, dtype))
-    all_rows = Rows.concat([*previous, *checkpoint.load()], encoder.dim, dtype)
-    order = {s.id: k for k, s in enumerate(sources)}
-    position = {i: k for k, i in enumerate(all_rows.ids)}
-    wanted = [position[s.id] for s in sources if s.id in position]
-    extra = [k for k, i in enumerate(all_rows.ids) if i not in order]  # earlier rows of inputs not given now
-    final = all_rows.take(wanted + extra)
-    meta = {
-        "model": encoder.model,
-        "embed_dim": encoder.dim,
-        "dtype": dtype,
-        "preprocess": dataclasses.asdict(encoder.spec),
-    }
-    write_output(out_path, final, meta)
-    errors_path = write_errors(out_path, errors)
-    checkpoint.clear()
     encoder_close(encoder, owned)
     return Summary(
         total=len(sources),
@@ -306,6 +306,65 @@ def embed_files(
         out=out_path,
         errors_path=errors_path,
     )
+
+
+def _embed_into(
+    checkpoint: Checkpoint,
+    encoder: Encoder,
+    todo: Sequence[Source],
+    *,
+    workers: int,
+    batch: int,
+    dtype: str,
+    checkpoint_rows: int,
+    progress: bool | None,
+) -> tuple[list[tuple[str, str]], int]:
+    """Embed ``todo`` into checkpoint chunks; returns (errors, rows embedded). On an interruption
+    (Ctrl-C) or failure the rows finished so far are saved first, for --resume."""
+    bar = Progress(len(todo), progress)
+    errors: list[tuple[str, str]] = []
+    fresh: list[Item] = []
+    embedded = 0
+    try:
+        for item in embedded_items(encoder, todo, workers=workers, batch=batch):
+            if item.row is None:
+                errors.append((item.id, item.error or "unknown error"))
+            else:
+                fresh.append(item)
+                embedded += 1
+                if len(fresh) >= checkpoint_rows:
+                    checkpoint.append(_rows(fresh, dtype))
+                    fresh = []
+            bar.advance()
+    finally:
+        checkpoint.append(_rows(fresh, dtype))
+        bar.finish()
+    return errors, embedded
+
+
+def _job_metadata(encoder: Encoder, dtype: str) -> dict[str, Any]:
+    """What identifies the rows of a job, as stored (JSON) in the output and the checkpoint."""
+    job = {
+        "model": encoder.model,
+        "embed_dim": encoder.dim,
+        "dtype": dtype,
+        "preprocess": dataclasses.asdict(encoder.spec),
+    }
+    return json.loads(json.dumps(job))  # tuples become lists, as they come back from the files
+
+
+def _check_same_job(out: Path, checkpoint: Checkpoint, job: dict[str, Any]) -> None:
+    """--resume only adds rows of the same model, size and preprocessing to what is stored."""
+    stored = {"the checkpoint " + str(checkpoint.dir): checkpoint.metadata(), str(out): output_metadata(out)}
+    for where, meta in stored.items():
+        if not meta:
+            continue
+        for key, value in meta.items():
+            if key in job and job[key] != value:
+                raise ValueError(
+                    f"--resume: {where} holds rows with {key}={value!r}, this job has {key}={job[key]!r}; "
+                    "resume with the same model and options, or write to another output"
+                )
 
 
 def encoder_close(encoder: Encoder, owned: bool, cancel: bool = False) -> None:
@@ -371,27 +430,30 @@ def classify_files(
     progress: bool | None = None,
 ) -> tuple[list[Prediction], Summary]:
     """Zero-shot top-k labels for every image named by ``inputs`` (see :meth:`Encoder.classify`)."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
     start = time.monotonic()
     sources, duplicates = _dedupe(iter_sources(inputs))
-    w = _workers(workers)
-    encoder, owned = _open_encoder(model, device, batch, w)
+    encoder, owned = _open_encoder(model, device, batch)
+    predictions = []
     try:
         text = encoder.label_embeddings(labels, templates)
         bar = Progress(len(sources), progress)
-        predictions = []
-        for item in embedded_items(encoder, sources, workers=w, batch=batch or encoder.max_batch):
+        items = embedded_items(encoder, sources, workers=_workers(workers), batch=batch or encoder.max_batch)
+        for item in items:
             if item.row is None:
                 predictions.append(Prediction(item.id, [], [], item.error))
             else:
-                probs = encoder.label_probabilities(item.row[None, :], text)[0]
-                top = np.argsort(-probs, kind="stable")[:top_k]
+                ranked = top_labels(encoder.label_probabilities(item.row[None, :], text)[0], labels, top_k)
                 predictions.append(
-                    Prediction(item.id, [labels[k] for k in top], [float(probs[k]) for k in top])
+                    Prediction(item.id, [label for label, _ in ranked], [p for _, p in ranked])
                 )
             bar.advance()
         bar.finish()
-    finally:
-        encoder_close(encoder, owned)
+    except BaseException:
+        encoder_close(encoder, owned, cancel=True)
+        raise
+    encoder_close(encoder, owned)
     failed = sum(1 for p in predictions if p.error is not None)
     return predictions, Summary(
         total=len(sources),

@@ -9,6 +9,7 @@ tokenized in Python (no torch needed) and run on the text tower synchronously.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import threading
 import warnings
@@ -21,7 +22,7 @@ import numpy as np
 
 from . import _C, metadata
 from ._C import EngineError
-from .images import as_host_pixels, decode_image, is_pil_image, is_torch_tensor
+from .images import as_host_pixels, as_image_list, decode_image, is_torch_tensor, ordered_map
 from .preprocess import PreprocessSpec
 from .tokenizer import CLIP_BPE_KIND, DEFAULT_CONTEXT_LENGTH, Tokenizer, load_tokenizer
 
@@ -35,9 +36,11 @@ MIB = 1 << 20
 # Host staging ring: CPU engines need little (a batch of decoded images); CUDA engines keep
 # several batches in flight (streams x max_batch x image bytes, plus room to queue the next).
 DEFAULT_STAGING_MB = {"cpu": 64, "cuda": 256}
-# embed() decodes and submits this many batches' worth of images at a time, so a long list of
-# files never holds more than that many decoded images at once.
+# submit() decodes and queues this many batches' worth of images at a time, so a long list of
+# files never holds more than about that many decoded images at once.
 CHUNK_BATCHES = 4
+# Decoding runs this many items ahead of the queue per decoding thread.
+DECODE_AHEAD_PER_THREAD = 4
 DEFAULT_TEMPLATE = "a photo of a {}."
 # Zero-shot logits scale when the bundle has no sidecar: CLIP's learned temperature ends at its cap, 100.
 DEFAULT_LOGIT_SCALE = 100.0
@@ -54,10 +57,11 @@ class ItemError(ValueError):
 
 @dataclass(frozen=True)
 class _Towers:
-    """What an Encoder runs: engines, preprocessing and tokenizer, from a bundle or a model."""
+    """What an Encoder runs: engines, preprocessing and tokenizer, from a bundle or a model. The
+    text tower and tokenizer are made on first use (an image-only job never loads them)."""
 
     image: _C.Engine
-    text: _C.Engine | None
+    text: Callable[[], _C.Engine] | None
     spec: PreprocessSpec
     tokenizer: Callable[[], Tokenizer] | None
     embed_dim: int
@@ -94,10 +98,29 @@ def _sibling(path: Path, suffix: str, text: bool = False) -> Path:
     return path.with_name(stem + (TEXT_STEM_SUFFIX if text else "") + suffix)
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (NaN rows stay NaN)."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         return x / norms
+
+
+def top_labels(probs: np.ndarray, labels: Sequence[str], top_k: int) -> list[tuple[str, float]]:
+    """The ``top_k`` (label, probability) pairs of one row, most probable first; [] for a NaN row."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if np.isnan(probs).any():
+        return []
+    top = np.argsort(-probs, kind="stable")[:top_k]
+    return [(labels[k], float(probs[k])) for k in top]
+
+
+def _resolve(future: concurrent.futures.Future, compute: Callable[[], Any]) -> None:
+    """Settle ``future`` with ``compute()`` or its exception (never leave it pending)."""
+    try:
+        future.set_result(compute())
+    except BaseException as e:  # a bug here must reach the caller, not vanish in a callback
+        future.set_exception(e)
 
 
 class Encoder:
@@ -109,7 +132,8 @@ class Encoder:
     open_clip's default preprocessing is used, with a warning.
 
     Thread-safe: any number of threads may call :meth:`embed` / :meth:`submit` at once, and their
-    images are batched together.
+    images are batched together. ``threads``: CPU threads for preprocessing and decoding (and ONNX
+    Runtime's intra-op threads); None = every core.
     """
 
     def __init__(
@@ -155,7 +179,9 @@ class Encoder:
         ``weights`` (a checkpoint), ``pretrained`` (an open_clip tag) or ``random_weights``."""
         kind, index = parse_device(device)
         if kind == "auto":
-            kind = "cuda" if _C.cuda_device_count() > 0 else "cpu"
+            import torch
+
+            kind = "cuda" if _C.cuda_device_count() > 0 and torch.cuda.is_available() else "cpu"
         towers = _load_open_clip(
             model,
             weights=weights,
@@ -167,8 +193,7 @@ class Encoder:
             precision=precision,
             max_batch=max_batch,
         )
-        encoder = cls.__new__(cls)
-        encoder._start(
+        return cls._over(
             towers,
             max_batch=max_batch,
             max_delay_ms=max_delay_ms,
@@ -176,7 +201,6 @@ class Encoder:
             staging_mb=staging_mb,
             threads=threads,
         )
-        return encoder
 
     @classmethod
     def from_engine(
@@ -199,10 +223,16 @@ class Encoder:
         image engine takes ``[B, 3, S, S]`` (S = ``spec.size``) and returns ``[B, D]``; ``tokenizer``
         makes the text engine's token ids (called once, on first use)."""
         towers = _Towers(
-            image, text, spec, tokenizer, image.info.outputs[0].shape[1], name, logit_scale, logit_bias
+            image,
+            (lambda: text) if text is not None else None,
+            spec,
+            tokenizer,
+            image.info.outputs[0].shape[1],
+            name,
+            logit_scale,
+            logit_bias,
         )
-        encoder = cls.__new__(cls)
-        encoder._start(
+        return cls._over(
             towers,
             max_batch=max_batch,
             max_delay_ms=max_delay_ms,
@@ -210,6 +240,11 @@ class Encoder:
             staging_mb=staging_mb,
             threads=threads,
         )
+
+    @classmethod
+    def _over(cls, towers: _Towers, **options: Any) -> Encoder:
+        encoder = cls.__new__(cls)
+        encoder._start(towers, **options)
         return encoder
 
     def _start(
@@ -235,11 +270,14 @@ class Encoder:
             staging_bytes=staging,
         )
         self._text_lock = threading.Lock()
+        self._text_engine: _C.Engine | None = None
         self._text_runner: _C.EngineRunner | None = None
         self._tokenizer: Tokenizer | None = None
         self._label_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], np.ndarray] = {}
+        decode_threads = threads or os.cpu_count() or 1
+        self._decode_ahead = decode_threads * DECODE_AHEAD_PER_THREAD
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=threads or os.cpu_count() or 1, thread_name_prefix="nvclip-decode"
+            max_workers=decode_threads, thread_name_prefix="nvclip-decode"
         )
         self._closed = False
 
@@ -284,50 +322,58 @@ class Encoder:
     # -- images ---------------------------------------------------------------------------------
 
     def submit(
-        self,
-        images: Sequence[Any] | Any,
-        *,
-        normalize: bool = True,
-        on_error: str = "raise",
-        output: str = "numpy",
+        self, images: Any, *, normalize: bool = True, on_error: str = "raise", output: str = "numpy"
     ) -> concurrent.futures.Future:
         """Queue ``images`` and return a Future of their (N, D) float32 embeddings, in order.
 
-        Items are decoded here (files and bytes in parallel); with ``on_error="raise"`` the first
-        undecodable item raises at once, and an item that fails in preprocessing sets the Future's
-        exception (``ItemError`` naming its index). With ``on_error="nan"`` bad items get NaN rows.
+        ``images`` takes what :func:`nvclip_fast.preprocess` takes: a sequence of uint8 numpy arrays
+        (H, W, 3) RGB, (H, W) gray, (H, W, 4) RGBA, PIL images, file paths, encoded bytes, uint8
+        torch tensors (H, W, C), or an (N, H, W, C) array. Items are decoded here, in parallel, and
+        queued a few batches at a time (so memory stays bounded); this call returns once all are
+        queued. With ``on_error="raise"`` an undecodable item raises ``ItemError`` (a ValueError
+        naming its index) at once, and one refused by preprocessing sets the Future's exception;
+        with ``on_error="nan"`` bad items get NaN rows. ``normalize`` L2-normalizes the rows (the
+        exported engines already do). ``output``: ``"numpy"`` or ``"torch"``. Callbacks added to the
+        Future run on the queue's completion thread: they must not wait on this Encoder.
         """
         self._check_args(on_error, output)
-        items = list(images) if isinstance(images, (list, tuple)) else [images]
-        pixels = self._decode(items, 0, on_error)
-        return self._submit_decoded(pixels, 0, normalize, on_error, output)
-
-    def embed(
-        self,
-        images: Sequence[Any] | Any,
-        *,
-        normalize: bool = True,
-        on_error: str = "raise",
-        output: str = "numpy",
-    ) -> Any:
-        """(N, D) float32 embeddings of ``images``, in order (N = 0 included).
-
-        ``images``: uint8 numpy arrays (H, W, 3) RGB, (H, W) gray, (H, W, 4) RGBA; PIL images; file
-        paths; encoded bytes; uint8 torch tensors (H, W, C). ``on_error="raise"`` raises
-        ``ItemError`` (a ValueError) naming the first bad item; ``"nan"`` gives bad items NaN rows.
-        ``normalize`` L2-normalizes the rows (the exported engines already do). ``output``:
-        ``"numpy"`` or ``"torch"``. Large N streams through the queue a few batches at a time.
-        """
-        self._check_args(on_error, output)
-        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        items = as_image_list(images)
         chunk = max(1, self.max_batch * CHUNK_BATCHES)
-        futures = []
+        parts = []
         for start in range(0, len(items), chunk):
             pixels = self._decode(items[start : start + chunk], start, on_error)
-            futures.append(self._submit_decoded(pixels, start, normalize, on_error, "numpy"))
-        parts = [f.result() for f in futures]
-        result = np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
-        return self._convert(result, output)
+            parts.append(self._submit_decoded(pixels, start, normalize, on_error))
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+        remaining = [len(parts)]
+        lock = threading.Lock()
+
+        def gather() -> Any:
+            for part in parts:
+                if part.exception() is not None:
+                    raise part.exception()
+            rows = [p.result() for p in parts]
+            result = np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
+            return self._convert(result, output)
+
+        def one_done(_: concurrent.futures.Future) -> None:
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                _resolve(future, gather)
+
+        if not parts:
+            _resolve(future, gather)
+        for part in parts:
+            part.add_done_callback(one_done)
+        return future
+
+    def embed(
+        self, images: Any, *, normalize: bool = True, on_error: str = "raise", output: str = "numpy"
+    ) -> Any:
+        """(N, D) float32 embeddings of ``images``, in order (N = 0 included). See :meth:`submit`."""
+        return self.submit(images, normalize=normalize, on_error=on_error, output=output).result()
 
     def _check_args(self, on_error: str, output: str) -> None:
         if self._closed:
@@ -337,26 +383,33 @@ class Encoder:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
 
+    def _decode_one(self, item: Any, index: int) -> np.ndarray:
+        if is_torch_tensor(item) and item.is_cuda:
+            item = item.cpu()  # the queue stages host memory; on the host RGBA goes through Pillow too
+        return as_host_pixels(decode_image(item, index, self.spec))
+
     def _decode(self, items: list[Any], offset: int, on_error: str) -> list[Any]:
-        """Host pixels per item; None for a bad one with on_error="nan", else ItemError naming it.
-        ``offset`` is the caller's index of items[0]."""
-
-        def one(position: int) -> Any:
-            return as_host_pixels(decode_image(items[position], offset + position, self.spec))
-
-        slow = [i for i, item in enumerate(items) if not isinstance(item, np.ndarray)]
-        pixels: list[Any] = [None] * len(items)
-        results = {}
-        if len(slow) > 1 and not all(is_torch_tensor(items[i]) or is_pil_image(items[i]) for i in slow):
-            results = {i: self._decode_pool.submit(one, i) for i in slow}
-        for position in range(len(items)):
-            try:
-                pixels[position] = results[position].result() if position in results else one(position)
-            except (ValueError, TypeError) as e:
-                if on_error == "raise":
-                    for f in results.values():
-                        f.cancel()
-                    raise ItemError(offset + position, str(e)) from e
+        """Host pixels per item, decoded in parallel; None for a bad one with on_error="nan", else
+        ItemError naming it. ``offset`` is the caller's index of items[0]."""
+        pixels: list[Any] = []
+        try:
+            futures = ordered_map(
+                self._decode_pool,
+                lambda item, k: self._decode_one(item, offset + k),
+                items,
+                self._decode_ahead,
+            )
+            for k, f in enumerate(futures):
+                try:
+                    pixels.append(f.result())
+                except (ValueError, TypeError) as e:
+                    if on_error == "raise":
+                        raise ItemError(offset + k, str(e)) from e
+                    pixels.append(None)
+        except (RuntimeError, concurrent.futures.CancelledError) as e:
+            if self._closed:  # close() shut the decoding pool down under us
+                raise EngineError("this Encoder is closed") from e
+            raise
         return pixels
 
     def submit_pixels(self, pixels: Sequence[np.ndarray]) -> concurrent.futures.Future:
@@ -373,38 +426,32 @@ class Encoder:
             return future
 
         def done(request: _C.Request) -> None:
-            try:
-                future.set_result((request.result(), list(request.item_errors)))
-            except Exception as e:  # EngineError, or a bug: either must reach the caller
-                future.set_exception(e)
+            _resolve(future, lambda: (request.result(), list(request.item_errors)))
 
         self._queue.submit(list(pixels), done)
         return future
 
     def _submit_decoded(
-        self, pixels: list[Any], offset: int, normalize: bool, on_error: str, output: str
+        self, pixels: list[Any], offset: int, normalize: bool, on_error: str
     ) -> concurrent.futures.Future:
-        """Queue the decoded items (None: bad, a NaN row); ``offset``: index of pixels[0] for errors."""
+        """Queue the decoded items (None: bad, a NaN row); a Future of their (n, D) rows."""
         n = len(pixels)
         good = [i for i in range(n) if pixels[i] is not None]
         future: concurrent.futures.Future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()
 
-        def finish(queued: concurrent.futures.Future) -> None:
-            try:
-                rows, item_errors = queued.result()
-            except Exception as e:
-                future.set_exception(e)
-                return
+        def finish(queued: concurrent.futures.Future) -> np.ndarray:
+            rows, item_errors = queued.result()
             failed = [k for k, why in enumerate(item_errors) if why]
             if failed and on_error == "raise":
-                future.set_exception(ItemError(offset + good[failed[0]], item_errors[failed[0]]))
-                return
+                raise ItemError(offset + good[failed[0]], item_errors[failed[0]])
             result = np.full((n, self.dim), np.nan, dtype=np.float32)
             result[good] = rows  # refused items' rows are NaN already
-            future.set_result(self._convert(_l2_normalize(result) if normalize else result, output))
+            return l2_normalize(result) if normalize else result
 
-        self.submit_pixels([pixels[i] for i in good]).add_done_callback(finish)
+        self.submit_pixels([pixels[i] for i in good]).add_done_callback(
+            lambda queued: _resolve(future, lambda: finish(queued))
+        )
         return future
 
     @staticmethod
@@ -432,27 +479,26 @@ class Encoder:
         if self._towers.text is None:
             raise EngineError(f"{self.model}: this bundle has no text tower (exported with --no-text?)")
         ids = self.tokenize(texts)
-        text = self._towers.text.info
-        spec_in, spec_out = text.inputs[0], text.outputs[0]
-        if ids.shape[1] != spec_in.shape[1]:
-            raise EngineError(
-                f"the tokenizer gives {ids.shape[1]} tokens but the text tower takes {spec_in.shape[1]}"
-            )
-        ids = ids.astype(spec_in.dtype, copy=False)
         parts = []
         with self._text_lock:
             if self._text_runner is None:
-                self._text_runner = _C.EngineRunner(self._towers.text)
-            for start in range(0, len(ids), text.batch[2]):
-                parts.append(
-                    self._text_runner.run({spec_in.name: ids[start : start + text.batch[2]]})[spec_out.name]
+                self._text_engine = self._towers.text()
+                self._text_runner = _C.EngineRunner(self._text_engine)
+            info = self._text_engine.info
+            spec_in, spec_out, limit = info.inputs[0], info.outputs[0], info.batch[2]
+            if ids.shape[1] != spec_in.shape[1]:
+                raise EngineError(
+                    f"the tokenizer gives {ids.shape[1]} tokens but the text tower takes {spec_in.shape[1]}"
                 )
+            ids = ids.astype(spec_in.dtype, copy=False)
+            for start in range(0, len(ids), limit):
+                parts.append(self._text_runner.run({spec_in.name: ids[start : start + limit]})[spec_out.name])
         result = (
             np.concatenate(parts).astype(np.float32, copy=False)
             if parts
             else np.zeros((0, self.dim), np.float32)
         )
-        return self._convert(_l2_normalize(result) if normalize else result, output)
+        return self._convert(l2_normalize(result) if normalize else result, output)
 
     # -- zero-shot classification ---------------------------------------------------------------
 
@@ -472,7 +518,7 @@ class Encoder:
             return cached
         prompts = [t.format(label) for label in labels for t in templates]
         per_prompt = self.embed_text(prompts).reshape(len(labels), len(templates), self.dim)
-        embeds = _l2_normalize(per_prompt.mean(axis=1))
+        embeds = l2_normalize(per_prompt.mean(axis=1))
         with self._text_lock:
             self._label_cache[key] = embeds
         return embeds
@@ -480,14 +526,14 @@ class Encoder:
     def label_probabilities(self, image_embeds: np.ndarray, label_embeds: np.ndarray) -> np.ndarray:
         """(N, L) softmax over labels of ``logit_scale * image @ label.T`` (NaN rows stay NaN)."""
         scale = self.logit_scale if self.logit_scale is not None else DEFAULT_LOGIT_SCALE
-        logits = scale * (np.asarray(image_embeds, np.float32) @ label_embeds.T)
+        logits = scale * (l2_normalize(np.asarray(image_embeds, np.float32)) @ label_embeds.T)
         logits -= logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
         return e / e.sum(axis=1, keepdims=True)
 
     def classify(
         self,
-        images: Sequence[Any] | Any,
+        images: Any,
         labels: Sequence[str],
         templates: Sequence[str] | None = None,
         top_k: int = 5,
@@ -501,14 +547,7 @@ class Encoder:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         text = self.label_embeddings(labels, templates)
         probs = self.label_probabilities(self.embed(images, on_error=on_error), text)
-        result = []
-        for row in probs:
-            if np.isnan(row).any():
-                result.append([])
-                continue
-            top = np.argsort(-row, kind="stable")[:top_k]
-            result.append([(labels[k], float(row[k])) for k in top])
-        return result
+        return [top_labels(row, labels, top_k) for row in probs]
 
     # -- lifetime -------------------------------------------------------------------------------
 
@@ -584,16 +623,27 @@ def _load_bundle(path: Path, kind: str, index: int, threads: int | None) -> _Tow
             )
 
     image = make(path, "image")
-    text_path = _sibling(path, path.suffix, text=True)
+    text_path: Path | None = _sibling(path, path.suffix, text=True)
     if meta is not None:
         text_tower = meta.towers.get("text")
         text_file = (
             None if text_tower is None else (text_tower.plan if suffix == PLAN_SUFFIX else text_tower.onnx)
         )
         text_path = meta.path(text_file) if text_file else None
-    text = make(text_path, "text") if text_path is not None and text_path.is_file() else None
+    # Made on first use, once (the tokenizer of a bundle without sidecar reads its context length).
+    text = (
+        functools.cache(lambda: make(text_path, "text"))
+        if text_path is not None and text_path.is_file()
+        else None
+    )
 
+    engine_size, engine_dim = image.info.inputs[0].shape[-1], image.info.outputs[0].shape[1]
     if meta is not None:
+        if (meta.preprocess.size, meta.embed_dim) != (engine_size, engine_dim):
+            raise EngineError(
+                f"{sidecar} does not describe {path}: it says {meta.preprocess.size} px -> "
+                f"{meta.embed_dim}-d, the engine takes {engine_size} px -> {engine_dim}-d (a stale sidecar?)"
+            )
         spec = PreprocessSpec(**meta.preprocess.to_dict())
         tokenizer = None
         if meta.tokenizer is not None:
@@ -603,23 +653,21 @@ def _load_bundle(path: Path, kind: str, index: int, threads: int | None) -> _Tow
             image, text, spec, tokenizer, meta.embed_dim, meta.model, meta.logit_scale, meta.logit_bias, meta
         )
 
-    size = image.info.inputs[0].shape[-1]
     warnings.warn(
-        f"{path}: no sidecar {sidecar.name}; preprocessing uses open_clip's defaults at {size} px (OpenAI "
-        "mean/std, bicubic, 'shortest') and text, if any, the CLIP BPE tokenizer: check they match the model",
+        f"{path}: no sidecar {sidecar.name}; preprocessing uses open_clip's defaults at {engine_size} px "
+        "(OpenAI mean/std, bicubic, 'shortest') and text, if any, the CLIP BPE tokenizer: check they match",
         UserWarning,
         stacklevel=3,
     )
     tokenizer = None
     if text is not None:
-        context = (
-            text.info.inputs[0].shape[1] if len(text.info.inputs[0].shape) > 1 else DEFAULT_CONTEXT_LENGTH
-        )
-        entry = {"kind": CLIP_BPE_KIND, "vocab": None, "context_length": context}
-        tokenizer = lambda: load_tokenizer(entry)  # noqa: E731
-    return _Towers(
-        image, text, PreprocessSpec(size=size), tokenizer, image.info.outputs[0].shape[1], path.stem
-    )
+
+        def tokenizer() -> Tokenizer:
+            shape = text().info.inputs[0].shape
+            context = shape[1] if len(shape) > 1 else DEFAULT_CONTEXT_LENGTH
+            return load_tokenizer({"kind": CLIP_BPE_KIND, "vocab": None, "context_length": context})
+
+    return _Towers(image, text, PreprocessSpec(size=engine_size), tokenizer, engine_dim, path.stem)
 
 
 def _load_open_clip(
@@ -655,12 +703,19 @@ def _load_open_clip(
     embed_dim = int(models.model_config(model)["embed_dim"])
     dtype = "float16" if precision == "fp16" else "float32"
     limit = max_batch or metadata.DEFAULT_MAX_BATCH
-    batch = metadata.BatchProfile(1, limit, limit)
-    common = {"embed_dim": embed_dim, "device": device, "device_index": index, "batch": batch}
+    common = {
+        "embed_dim": embed_dim,
+        "device": device,
+        "device_index": index,
+        "batch": metadata.BatchProfile(1, limit, limit),
+    }
     image = TorchEngine(
         net, "image", input_shape=(3, loaded.image_size, loaded.image_size), input_dtype=dtype, **common
     )
-    text = TorchEngine(net, "text", input_shape=(loaded.context_length,), input_dtype="int64", **common)
+
+    def text() -> _C.Engine:
+        return TorchEngine(net, "text", input_shape=(loaded.context_length,), input_dtype="int64", **common)
+
     spec = PreprocessSpec(**loaded.preprocess.to_dict())
     tok = loaded.tokenizer.to_dict()
     with torch.no_grad():

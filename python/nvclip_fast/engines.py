@@ -13,6 +13,7 @@ ordered.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,8 @@ _ORT_DTYPES = {
     "tensor(int32)": "int32",
     "tensor(int64)": "int64",
 }
-DEFAULT_BATCH = metadata.BatchProfile(1, 32, metadata.DEFAULT_MAX_BATCH)
+# The exporter's default profile: batches up to DEFAULT_MAX_BATCH, tuned for the largest.
+DEFAULT_BATCH = metadata.BatchProfile(1, metadata.DEFAULT_MAX_BATCH, metadata.DEFAULT_MAX_BATCH)
 
 
 def _profile(batch: metadata.BatchProfile | None) -> tuple[int, int, int]:
@@ -35,9 +37,11 @@ def _profile(batch: metadata.BatchProfile | None) -> tuple[int, int, int]:
     return (b.min, b.opt, b.max)
 
 
-def _fixed_shape(shape: list[Any], where: str) -> list[int]:
-    """An ONNX shape with a symbolic batch: [-1, fixed...]; other symbolic dims are refused."""
-    dims = [-1]
+def _onnx_shape(shape: list[Any], where: str) -> list[int]:
+    """An ONNX shape as the queue takes it: a symbolic batch becomes -1 (dynamic); a fixed batch
+    (a graph exported with batch 1, say) stays fixed; other dimensions must be fixed."""
+    batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else -1
+    dims = [batch]
     for d in shape[1:]:
         if not isinstance(d, int) or d <= 0:
             raise EngineError(f"{where}: only the batch dimension may be dynamic, got shape {shape}")
@@ -108,8 +112,10 @@ class OnnxEngine(_C.Engine):
             v = values[0]
             if v.type not in _ORT_DTYPES:
                 raise EngineError(f"{os.fspath(path)}: {kind} {v.name!r} has unsupported type {v.type}")
-            specs.append(_C.TensorSpec(v.name, _ORT_DTYPES[v.type], _fixed_shape(v.shape, f"{path} {kind}")))
-        super().__init__(_C.EngineInfo([specs[0]], [specs[1]], _profile(batch), device, device_index))
+            specs.append(_C.TensorSpec(v.name, _ORT_DTYPES[v.type], _onnx_shape(v.shape, f"{path} {kind}")))
+        fixed = specs[0].shape[0]
+        profile = (fixed, fixed, fixed) if fixed > 0 else _profile(batch)  # the queue pads to a fixed batch
+        super().__init__(_C.EngineInfo([specs[0]], [specs[1]], profile, device, device_index))
         self._input, self._output = specs[0].name, specs[1].name
         self._device_index = device_index
 
@@ -129,6 +135,7 @@ class OnnxEngine(_C.Engine):
         ):
             bind(name, "cuda", self._device_index, np.dtype(array.dtype), list(array.shape), array.ptr)
         self._session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # the queue copies the output next, on the slot's stream
 
 
 class TorchEngine(_C.Engine):
@@ -176,7 +183,9 @@ class TorchEngine(_C.Engine):
     def enqueue(self, batch: int, inputs: dict[str, Any], outputs: dict[str, Any], stream: int) -> None:
         torch = self._torch
         if self.info.device == "cpu":
-            x = torch.from_numpy(np.array(inputs[self._in]))  # the queue's view is read-only: copy
+            with warnings.catch_warnings():  # the queue's input view is read-only; torch only reads it
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                x = torch.from_numpy(inputs[self._in])
             outputs[self._out][...] = self._forward(x).numpy()
             return
         # Everything on the slot's stream: ordered after the preprocessing that wrote the input,

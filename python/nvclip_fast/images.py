@@ -17,9 +17,12 @@ for those modes (README, "Preprocessing").
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import io
 import os
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -189,6 +192,44 @@ def decode_image_sized(item: Any, index: int = 0, spec: PreprocessSpec | None = 
     if is_pil_image(item):
         return _from_pil(item, index, spec)
     raise TypeError(f"images[{index}]: unsupported image type {type(item).__name__}; expected {ACCEPTED}")
+
+
+_SINGLE_ITEMS = (str, bytes, bytearray, memoryview, os.PathLike)
+
+
+def as_image_list(images: Any) -> list[Any]:
+    """The items of a batch of images: any iterable of images, or an (N, H, W, C) array / tensor.
+    A single image (a path, bytes, a PIL image, an (H, W, C) array) is refused: wrap it in a list."""
+    if isinstance(images, np.ndarray) or is_torch_tensor(images):
+        if images.ndim != 4:
+            raise TypeError(
+                f"images: an array of shape {tuple(images.shape)} is not a batch; pass a list of images "
+                "(or an (N, H, W, C) array)"
+            )
+        return list(images)
+    if isinstance(images, _SINGLE_ITEMS) or is_pil_image(images) or not isinstance(images, Iterable):
+        kind = type(images).__name__
+        raise TypeError(f"images must be a sequence of images, got {kind} (wrap a single image in a list)")
+    return list(images)
+
+
+def ordered_map(
+    pool: concurrent.futures.Executor, fn: Callable[..., Any], items: Iterable[Any], ahead: int
+) -> Iterator[concurrent.futures.Future]:
+    """``pool.submit(fn, item, k)`` for each k-th item, yielded in order, at most ``ahead`` in flight:
+    decoding runs in parallel while results come back in input order with bounded memory. Futures
+    not yet yielded are cancelled if the consumer stops early."""
+    pending: collections.deque = collections.deque()
+    try:
+        for k, item in enumerate(items):
+            pending.append(pool.submit(fn, item, k))
+            if len(pending) >= ahead:
+                yield pending.popleft()
+        while pending:
+            yield pending.popleft()
+    finally:
+        for f in pending:
+            f.cancel()
 
 
 def as_host_pixels(pixels: Any) -> np.ndarray:

@@ -1,24 +1,30 @@
 """Embedding files written by ``nvclip-fast embed``: Parquet or ``.npy``, always atomically.
 
 - ``OUT.parquet``: columns ``path`` (file path, or ``<tar>::<member>``), ``embedding`` (fixed-size
-  list of float32/float16), ``width``, ``height`` (the image's size as decoded); rows in input order.
+  list of float32/float16), ``width``, ``height`` (the image's size as stored); rows in input
+  order; the job's metadata (model, embed_dim, dtype, preprocessing) in the schema metadata.
 - ``OUT.npy``: the ``(N, D)`` embeddings, with ``OUT.paths.txt`` beside it (one id per line).
 - ``OUT.errors.jsonl``: one ``{"path": ..., "error": ...}`` line per input that was not embedded.
 
 Every file is written to a temporary name in the same directory and renamed into place, so an
-interrupted run never leaves a truncated file. While a run is going, finished rows are saved in
+interrupted run never leaves a truncated file (for ``.npy`` the ``.npy`` rename comes last, and a
+pair whose lengths disagree is treated as absent). While a run is going, finished rows are saved in
 chunks under ``OUT.inprogress/`` (each chunk written atomically too); ``--resume`` reads them and
-the previous ``OUT`` to skip what is already done, and a finished run removes that folder.
+the previous ``OUT`` to skip what is already done, and a finished run removes that folder. Rows are
+written out block by block, so memory stays bounded whatever the number of images.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,13 +37,18 @@ OUTPUT_SUFFIXES = (PARQUET_SUFFIX, NPY_SUFFIX)
 PATHS_SUFFIX = ".paths.txt"
 ERRORS_SUFFIX = ".errors.jsonl"
 INPROGRESS_SUFFIX = ".inprogress"
-_CHUNK_GLOB = "chunk-*.npz"
+CHECKPOINT_META = "meta.json"
+_CHUNK_PREFIX = "chunk-"
+_CHUNK_GLOB = f"{_CHUNK_PREFIX}*.npz"
 PARQUET_METADATA_KEY = b"nvclip_fast"
+BLOCK_ROWS = 8192  # rows per Parquet row group, and per block of the final assembly
+SEGMENT_CACHE = 4  # stored segments (chunks, row groups) kept loaded while assembling
+NO_SIZE = -1  # width/height of rows read back from .npy, which keeps no sizes
 
 
 @dataclass
 class Rows:
-    """Embedded images: ids and their embeddings (N, D) and decoded sizes."""
+    """Embedded images: ids and their embeddings (N, D) and sizes as stored."""
 
     ids: list[str]
     embeddings: np.ndarray
@@ -52,33 +63,28 @@ class Rows:
                 f"{len(self.widths)} widths, {len(self.heights)} heights"
             )
 
-    @staticmethod
-    def empty(dim: int, dtype: np.dtype | str) -> Rows:
-        return Rows([], np.zeros((0, dim), dtype=dtype), np.zeros(0, np.int32), np.zeros(0, np.int32))
 
-    @staticmethod
-    def concat(parts: Iterable[Rows], dim: int, dtype: np.dtype | str) -> Rows:
-        parts = [p for p in parts if p.ids]
-        if not parts:
-            return Rows.empty(dim, dtype)
-        return Rows(
-            [i for p in parts for i in p.ids],
-            np.concatenate([p.embeddings.astype(dtype, copy=False) for p in parts]),
-            np.concatenate([p.widths for p in parts]).astype(np.int32),
-            np.concatenate([p.heights for p in parts]).astype(np.int32),
-        )
+@dataclass
+class Segment:
+    """Stored rows read back on demand: their ids now, the rows when ``load`` is called."""
 
-    def take(self, order: Iterable[int]) -> Rows:
-        index = np.fromiter(order, dtype=np.int64)
-        return Rows(
-            [self.ids[i] for i in index], self.embeddings[index], self.widths[index], self.heights[index]
-        )
+    ids: list[str]
+    load: Callable[[], Rows]
 
 
 def check_output_path(out: str | os.PathLike[str]) -> Path:
+    """``out`` as a Path, refused unless ``.parquet`` (pyarrow importable) or ``.npy``."""
     path = Path(out)
     if path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"output {str(path)!r}: expected a {' or '.join(OUTPUT_SUFFIXES)} file name")
+    if path.suffix.lower() == PARQUET_SUFFIX:
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                f"output {str(path)!r}: Parquet needs pyarrow (pip install 'nvclip-fast[parquet]'); "
+                "or write .npy"
+            ) from e
     return path
 
 
@@ -87,11 +93,23 @@ def sibling(out: Path, suffix: str) -> Path:
     return out.with_name(out.stem + suffix)
 
 
+@functools.cache
+def _file_mode() -> int:
+    # mkstemp creates 0600 files; outputs are meant to be shared like any other file: 0666 & ~umask.
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_file_mode()  # read the umask once, at import, before any worker thread exists
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """A temporary path beside ``final``, renamed onto it only when the block finishes cleanly."""
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.fchmod(fd, _file_mode())
     os.close(fd)
     try:
         yield Path(tmp)
@@ -105,75 +123,178 @@ def atomic_path(final: Path) -> Iterator[Path]:
 # Final outputs
 
 
-def write_output(out: Path, rows: Rows, metadata: dict[str, Any] | None = None) -> None:
-    """Write ``rows`` to ``out`` (Parquet or .npy + .paths.txt), atomically."""
+def write_output(
+    out: Path,
+    ids: Sequence[str],
+    blocks: Iterable[Rows],
+    dim: int,
+    dtype: str,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """Write the rows of ``blocks`` (in order, together exactly ``ids``) to ``out``, atomically and
+    one block at a time: Parquet row groups, or an ``.npy`` filled through a memory map."""
     out = check_output_path(out)
     if out.suffix.lower() == PARQUET_SUFFIX:
-        _write_parquet(out, rows, metadata or {})
-    else:
-        with atomic_path(sibling(out, PATHS_SUFFIX)) as tmp:
-            tmp.write_text("".join(f"{i}\n" for i in rows.ids), encoding="utf-8")
-        with atomic_path(out) as tmp, open(tmp, "wb") as f:
-            np.save(f, rows.embeddings)
+        _write_parquet(out, blocks, dim, dtype, metadata or {})
+        return
+    with atomic_path(out) as tmp_npy, atomic_path(sibling(out, PATHS_SUFFIX)) as tmp_paths:
+        array = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=dtype, shape=(len(ids), dim))
+        start = 0
+        for block in blocks:
+            array[start : start + len(block.ids)] = block.embeddings
+            start += len(block.ids)
+        array.flush()
+        del array
+        if start != len(ids):
+            raise ValueError(f"write_output: got {start} rows for {len(ids)} ids")
+        tmp_paths.write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+        # Leaving the block renames .paths.txt, then the .npy: the .npy is the commit point, and a
+        # pair left inconsistent by a crash in between is recognized (and ignored) by output_segments.
+
+
+def _parquet_schema(dim: int, dtype: str, metadata: dict[str, Any]) -> Any:
+    import pyarrow as pa
+
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    schema = pa.schema(
+        [
+            ("path", pa.string()),
+            ("embedding", pa.list_(value, dim)),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+        ]
+    )
+    return schema.with_metadata({PARQUET_METADATA_KEY: json.dumps(metadata).encode()})
+
+
+def _write_parquet(out: Path, blocks: Iterable[Rows], dim: int, dtype: str, metadata: dict[str, Any]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = _parquet_schema(dim, dtype, metadata)
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for block in blocks:
+            values = pa.array(np.ascontiguousarray(block.embeddings, dtype=dtype).reshape(-1))
+            table = pa.Table.from_arrays(
+                [
+                    pa.array(block.ids, type=pa.string()),
+                    pa.FixedSizeListArray.from_arrays(values, dim),
+                    pa.array(block.widths, type=pa.int32()),
+                    pa.array(block.heights, type=pa.int32()),
+                ],
+                schema=schema,
+            )
+            writer.write_table(table, row_group_size=BLOCK_ROWS)
+
+
+def output_segments(out: Path) -> list[Segment]:
+    """A previously written output as segments (Parquet row groups, or the whole ``.npy`` through
+    a memory map); [] when there is none, or when an ``.npy`` and its ``.paths.txt`` disagree."""
+    out = check_output_path(out)
+    if not out.is_file():
+        return []
+    if out.suffix.lower() == PARQUET_SUFFIX:
+        return _parquet_segments(out)
+    paths = sibling(out, PATHS_SUFFIX)
+    embeddings = np.load(out, mmap_mode="r")
+    ids = paths.read_text(encoding="utf-8").splitlines() if paths.is_file() else []
+    if len(ids) != embeddings.shape[0]:
+        warnings.warn(
+            f"{out} has {embeddings.shape[0]} rows but {paths} lists {len(ids)} ids (a write was "
+            "interrupted?): ignoring them, their images will be embedded again",
+            UserWarning,
+            stacklevel=2,
+        )
+        return []
+    sizes = np.full(len(ids), NO_SIZE, dtype=np.int32)
+    return [Segment(ids, lambda: Rows(ids, embeddings, sizes, sizes))]
+
+
+def _parquet_segments(out: Path) -> list[Segment]:
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(out)
+    segments = []
+    for group in range(file.num_row_groups):
+        ids = file.read_row_group(group, columns=["path"]).column("path").to_pylist()
+
+        def load(group: int = group, ids: list[str] = ids) -> Rows:
+            table = pq.ParquetFile(out).read_row_group(group)
+            embedding = table.column("embedding").combine_chunks()
+            values = embedding.flatten().to_numpy(zero_copy_only=False)
+            return Rows(
+                ids,
+                values.reshape(len(table), embedding.type.list_size),
+                table.column("width").to_numpy().astype(np.int32),
+                table.column("height").to_numpy().astype(np.int32),
+            )
+
+        segments.append(Segment(ids, load))
+    return segments
 
 
 def read_output(out: Path) -> Rows | None:
-    """A previously written output, or None when there is none (or it is unreadable)."""
+    """A whole previously written output in memory (small outputs, tests), or None."""
+    segments = output_segments(out)
+    if not segments:
+        return None
+    loaded = [s.load() for s in segments]
+    return Rows(
+        [i for rows in loaded for i in rows.ids],
+        np.concatenate([np.asarray(r.embeddings) for r in loaded]),
+        np.concatenate([r.widths for r in loaded]),
+        np.concatenate([r.heights for r in loaded]),
+    )
+
+
+def output_metadata(out: Path) -> dict[str, Any] | None:
+    """What a previous output says about the job that wrote it: its Parquet metadata, or for
+    ``.npy`` what the array shows (``embed_dim``, ``dtype``); None when there is no output."""
     out = check_output_path(out)
     if not out.is_file():
         return None
     if out.suffix.lower() == PARQUET_SUFFIX:
-        return _read_parquet(out)
-    paths = sibling(out, PATHS_SUFFIX)
-    if not paths.is_file():
-        return None
-    embeddings = np.load(out)
-    ids = paths.read_text(encoding="utf-8").splitlines()
-    if len(ids) != embeddings.shape[0]:
-        raise ValueError(f"{out} has {embeddings.shape[0]} rows but {paths} lists {len(ids)} paths")
-    unknown = np.full(len(ids), -1, dtype=np.int32)  # .npy keeps no sizes
-    return Rows(ids, embeddings, unknown, unknown.copy())
+        import pyarrow.parquet as pq
+
+        meta = pq.read_schema(out).metadata or {}
+        return json.loads(meta.get(PARQUET_METADATA_KEY, b"{}"))
+    array = np.load(out, mmap_mode="r")
+    return {"embed_dim": int(array.shape[1]), "dtype": str(array.dtype)}
 
 
-def _write_parquet(out: Path, rows: Rows, metadata: dict[str, Any]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def assemble(
+    order: Sequence[str], segments: Sequence[Segment], block_rows: int = BLOCK_ROWS
+) -> Iterator[Rows]:
+    """The stored rows of ``order`` (ids), in that order, ``block_rows`` at a time. An id stored in
+    several segments comes from the last one. Segments are loaded on demand, a few at a time."""
+    where: dict[str, tuple[int, int]] = {}
+    for s, segment in enumerate(segments):
+        for r, image_id in enumerate(segment.ids):
+            where[image_id] = (s, r)
+    cache: OrderedDict[int, Rows] = OrderedDict()
 
-    dim = rows.embeddings.shape[1]
-    values = pa.array(np.ascontiguousarray(rows.embeddings).reshape(-1))
-    table = pa.table(
-        {
-            "path": pa.array(rows.ids, type=pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(values, dim),
-            "width": pa.array(rows.widths, type=pa.int32()),
-            "height": pa.array(rows.heights, type=pa.int32()),
-        }
-    )
-    table = table.replace_schema_metadata({PARQUET_METADATA_KEY: json.dumps(metadata).encode()})
-    with atomic_path(out) as tmp:
-        pq.write_table(table, tmp)
+    def rows_of(s: int) -> Rows:
+        if s in cache:
+            cache.move_to_end(s)
+        else:
+            cache[s] = segments[s].load()
+            if len(cache) > SEGMENT_CACHE:
+                cache.popitem(last=False)
+        return cache[s]
 
-
-def _read_parquet(out: Path) -> Rows:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(out)
-    embedding = table.column("embedding").combine_chunks()
-    dim = embedding.type.list_size
-    values = embedding.flatten().to_numpy(zero_copy_only=False)
-    return Rows(
-        table.column("path").to_pylist(),
-        values.reshape(len(table), dim),
-        table.column("width").to_numpy().astype(np.int32),
-        table.column("height").to_numpy().astype(np.int32),
-    )
-
-
-def read_parquet_metadata(out: Path) -> dict[str, Any]:
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(out).metadata or {}
-    return json.loads(meta.get(PARQUET_METADATA_KEY, b"{}"))
+    for start in range(0, len(order), block_rows):
+        ids = list(order[start : start + block_rows])
+        located = [where[i] for i in ids]
+        first = rows_of(located[0][0])
+        embeddings = np.empty((len(ids), first.embeddings.shape[1]), dtype=first.embeddings.dtype)
+        widths = np.empty(len(ids), np.int32)
+        heights = np.empty(len(ids), np.int32)
+        for k, (s, r) in enumerate(located):
+            rows = rows_of(s)
+            embeddings[k] = rows.embeddings[r]
+            widths[k] = rows.widths[r]
+            heights[k] = rows.heights[r]
+        yield Rows(ids, embeddings, widths, heights)
 
 
 def write_errors(out: Path, errors: Iterable[tuple[str, str]]) -> Path:
@@ -191,31 +312,47 @@ def write_errors(out: Path, errors: Iterable[tuple[str, str]]) -> Path:
 
 
 class Checkpoint:
-    """Rows finished by a run that has not written OUT yet, as chunk files in ``OUT.inprogress/``."""
+    """Rows finished by a run that has not written OUT yet: chunk files in ``OUT.inprogress/``,
+    with the job's metadata in ``meta.json`` so that a resume can check it is the same job."""
 
     def __init__(self, out: Path):
         self.dir = sibling(out, out.suffix + INPROGRESS_SUFFIX)
-        self._next = 0
 
     def exists(self) -> bool:
         return self.dir.is_dir()
 
-    def load(self) -> list[Rows]:
-        chunks = sorted(self.dir.glob(_CHUNK_GLOB)) if self.exists() else []
-        self._next = len(chunks)
-        loaded = []
-        for chunk in chunks:
+    def _chunks(self) -> list[Path]:
+        return sorted(self.dir.glob(_CHUNK_GLOB)) if self.exists() else []
+
+    def metadata(self) -> dict[str, Any] | None:
+        path = self.dir / CHECKPOINT_META
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def start(self, metadata: dict[str, Any]) -> None:
+        """Create the folder for a job described by ``metadata`` (kept when resuming the same job)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.dir / CHECKPOINT_META) as tmp:
+            tmp.write_text(json.dumps(metadata), encoding="utf-8")
+
+    def segments(self) -> list[Segment]:
+        segments = []
+        for chunk in self._chunks():
             with np.load(chunk, allow_pickle=False) as data:
-                loaded.append(
-                    Rows([str(i) for i in data["ids"]], data["embeddings"], data["widths"], data["heights"])
-                )
-        return loaded
+                ids = [str(i) for i in data["ids"]]
+
+            def load(chunk: Path = chunk, ids: list[str] = ids) -> Rows:
+                with np.load(chunk, allow_pickle=False) as data:
+                    return Rows(ids, data["embeddings"], data["widths"], data["heights"])
+
+            segments.append(Segment(ids, load))
+        return segments
 
     def append(self, rows: Rows) -> None:
         if not rows.ids:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.dir / f"chunk-{self._next:06d}.npz") as tmp, open(tmp, "wb") as f:
+        chunks = self._chunks()
+        number = int(chunks[-1].stem.removeprefix(_CHUNK_PREFIX)) + 1 if chunks else 0
+        with atomic_path(self.dir / f"{_CHUNK_PREFIX}{number:06d}.npz") as tmp, open(tmp, "wb") as f:
             np.savez(
                 f,
                 ids=np.array(rows.ids, dtype=str),
@@ -223,8 +360,6 @@ class Checkpoint:
                 widths=rows.widths,
                 heights=rows.heights,
             )
-        self._next += 1
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-        self._next = 0

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import os
 import re
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from . import _C
-from .images import as_host_pixels, decode_image, is_pil_image, is_torch_tensor
+from .images import as_host_pixels, as_image_list, decode_image
 
 # open_clip/constants.py
 OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -174,23 +173,6 @@ def _threads(threads: int | None) -> int:
     return threads
 
 
-_SINGLE_ITEMS = (str, bytes, bytearray, memoryview, os.PathLike)
-
-
-def _as_list(images: Any) -> list[Any]:
-    if isinstance(images, np.ndarray) or is_torch_tensor(images):
-        if images.ndim != 4:
-            raise TypeError(
-                f"images: an array of shape {tuple(images.shape)} is not a batch; pass a list of images "
-                "(or an (N, H, W, C) array)"
-            )
-        return list(images)
-    if isinstance(images, _SINGLE_ITEMS) or is_pil_image(images) or not isinstance(images, Iterable):
-        kind = type(images).__name__
-        raise TypeError(f"images must be a sequence of images, got {kind} (wrap a single image in a list)")
-    return list(images)
-
-
 def _host_out(out: Any, shape: tuple[int, ...], dtype: str) -> np.ndarray:
     if out is None:
         return np.empty(shape, dtype=dtype)
@@ -224,7 +206,7 @@ def preprocess(
     """
     if not isinstance(spec, PreprocessSpec):
         raise TypeError(f"spec must be a PreprocessSpec, got {type(spec).__name__}")
-    items = _as_list(images)
+    items = as_image_list(images)
     dtype_name = _dtype_name(dtype)
     n_threads = _threads(threads)
     shape = (len(items), _CHANNELS, spec.size, spec.size)

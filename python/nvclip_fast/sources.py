@@ -91,16 +91,29 @@ def _file_reader(path: Path) -> Callable[[], bytes]:
     return lambda: path.read_bytes()
 
 
+def source_id(path: str | os.PathLike[str]) -> str:
+    """A path as an id that any output can store: file names that are not valid UTF-8 (which os
+    gives as surrogate escapes) get their undecodable bytes as backslash escapes instead."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _scan_directory(root: Path) -> Iterator[Source]:
-    """Image files under ``root``, recursively, in sorted order (directories walked depth first)."""
-    for dirpath, dirnames, filenames in os.walk(root, onerror=None, followlinks=False):
+    """Image files under ``root``, recursively, in sorted order: a folder's own files, then its
+    sub-folders, depth first. A folder that cannot be listed is an error item."""
+    unreadable: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable.append, followlinks=False):
+        while unreadable:
+            e = unreadable.pop(0)
+            yield Source(source_id(e.filename or dirpath), error=f"unreadable directory: {e.strerror or e}")
         dirnames.sort()
         for name in sorted(filenames):
             path = Path(dirpath) / name
             if name.lower().endswith(_TAR_SUFFIXES):
                 yield from _tar_members(path)
             elif _is_image_file(path):
-                yield Source(str(path), _file_reader(path))
+                yield Source(source_id(path), _file_reader(path))
+    for e in unreadable:  # the root itself, or the last folder listed
+        yield Source(source_id(e.filename or root), error=f"unreadable directory: {e.strerror or e}")
 
 
 def _tar_members(path: Path) -> Iterator[Source]:
@@ -115,10 +128,11 @@ def _tar_members(path: Path) -> Iterator[Source]:
             while (member := tar.next()) is not None:
                 members.append(member)
     except (OSError, EOFError, tarfile.TarError) as e:
-        error = Source(str(path), error=f"unreadable tar shard after {len(members)} members: {e}")
+        error = Source(source_id(path), error=f"unreadable tar shard after {len(members)} members: {e}")
     for member in members:
         if member.isfile() and Path(member.name).suffix.lower() in IMAGE_EXTENSIONS:
-            yield Source(f"{path}{TAR_MEMBER_SEPARATOR}{member.name}", _slice_reader(path, member))
+            member_id = f"{source_id(path)}{TAR_MEMBER_SEPARATOR}{source_id(member.name)}"
+            yield Source(member_id, _slice_reader(path, member))
     if error is not None:
         yield error
 
@@ -144,7 +158,7 @@ def _list_file(path: Path) -> Iterator[Source]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        yield Source(f"{LIST_PREFIX}{path}", error=f"unreadable list file: {e}")
+        yield Source(f"{LIST_PREFIX}{source_id(path)}", error=f"unreadable list file: {e}")
         return
     for line in lines:
         entry = line.strip()
@@ -160,10 +174,10 @@ def _explicit(path: Path, *, from_list: bool = False) -> Iterator[Source]:
     elif str(path).lower().endswith(_TAR_SUFFIXES) and path.is_file():
         yield from _tar_members(path)
     elif path.is_file() or path.is_symlink():
-        yield Source(str(path), _file_reader(path))
+        yield Source(source_id(path), _file_reader(path))
     else:
         where = " (listed)" if from_list else ""
-        yield Source(str(path), error=f"no such file or directory{where}")
+        yield Source(source_id(path), error=f"no such file or directory{where}")
 
 
 def iter_sources(inputs: Iterable[str | os.PathLike[str]]) -> Iterator[Source]:
