@@ -38,6 +38,8 @@ MAX_BATCH = 8
 # differ only by ONNX Runtime choosing different kernels for different batch sizes.
 ROW_ATOL = 1e-6
 TIMEOUT_S = 60
+FP16_MIN_COS = 0.999  # the exporter's gate for fp16
+TEXTS = ["a photo of a cat", "", "a diagram, with arrows!", "two dogs " * 40, "🙂"]
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -52,6 +54,11 @@ def open_clip_image_embeds(model: torch.nn.Module, pil_images: list) -> np.ndarr
     transform = image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)), is_train=False)
     with torch.no_grad():
         return model.encode_image(torch.stack([transform(im) for im in pil_images]), normalize=True).numpy()
+
+
+def open_clip_text_embeds(model: torch.nn.Module, texts: list[str]) -> np.ndarray:
+    with torch.no_grad():
+        return model.encode_text(open_clip.get_tokenizer("tiny-clip")(texts), normalize=True).numpy()
 
 
 def random_images(n: int, seed: int, lo: int = 8, hi: int = 80) -> list[np.ndarray]:
@@ -416,10 +423,11 @@ def test_pytorch_engine_on_cuda_matches_cpu(tiny, tmp_path, precision):
             "tiny-clip", weights=checkpoint, device="cuda", precision=precision
         ) as gpu:
             got = gpu.embed(images)
-            text = gpu.embed_text(["a photo of a cat", "a dog"])
+            text = gpu.embed_text(TEXTS)
+    floor = MIN_COS if precision == "fp32" else FP16_MIN_COS
     want = open_clip_image_embeds(model, [Image.fromarray(a) for a in images])
-    assert cosines(got, want).min() >= (MIN_COS if precision == "fp32" else 0.999)
-    assert text.shape == (2, 32)
+    assert cosines(got, want).min() >= floor
+    assert cosines(text, open_clip_text_embeds(model, TEXTS)).min() >= floor
 
 
 @pytest.mark.tensorrt
@@ -431,9 +439,23 @@ def test_tensorrt_plan_matches_open_clip(tiny, tmp_path):
     with Encoder(tmp_path / "t.plan") as enc:
         assert enc.device == "cuda:0"
         got = enc.embed(images)
-        text = enc.embed_text(["a photo of a cat"])
+        text = enc.embed_text(TEXTS)
+    # The exporter's gate for fp32 engines: TensorRT picks other kernels than torch.
     assert cosines(got, open_clip_image_embeds(model, [Image.fromarray(a) for a in images])).min() >= 0.9999
-    assert text.shape == (1, 32)
+    assert cosines(text, open_clip_text_embeds(model, TEXTS)).min() >= 0.9999
+
+
+@pytest.mark.gpu
+def test_onnx_runtime_cuda_provider_matches_open_clip(tiny):
+    from nvclip_fast.engines import cuda_provider_available
+
+    if not cuda_provider_available():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider here (needs onnxruntime-gpu)")
+    model, onnx_path = tiny
+    images = random_images(20, seed=16, hi=300)
+    with Encoder(onnx_path, device="cuda") as enc:
+        got = enc.embed(images)
+    assert cosines(got, open_clip_image_embeds(model, [Image.fromarray(a) for a in images])).min() >= MIN_COS
 
 
 def test_stale_sidecar_is_refused(tiny, tmp_path):
