@@ -12,7 +12,8 @@
 #   bench      pytest -m "gpu or tensorrt" benchmarks --benchmark-only (not the slow TensorRT
 #              exports unless --with-slow)
 #   ctest      the C++ unit tests, test_batch_queue_cuda included
-#   memcheck   compute-sanitizer memcheck on the resize_normalize kernel tests
+#   memcheck_queue  compute-sanitizer memcheck on test_batch_queue_cuda (queue + kernel, no torch)
+#   memcheck   compute-sanitizer memcheck on the resize_normalize kernel tests (pytest)
 #   racecheck  compute-sanitizer racecheck on the same
 # Writes to $OUT (default ./gpu-results): gpu_check.md and gpu_check.json (steps, GPU, benchmark rows,
 # ratios, targets), bench.json (pytest-benchmark's own) and gpu_check.log (every step's output).
@@ -52,10 +53,11 @@ declare -A LIMIT=(
   [tests]=90      # ~30 s: imports, a tiny export, the kernel bit-exactness sweep
   [bench]=180     # ~90 s: preprocess kernel, ViT-L-14 and ViT-H-14 @336 (model built on the GPU)
   [ctest]=45      # ~10 s
+  [memcheck_queue]=45  # ~10 s
   [memcheck]=60   # ~30 s
   [racecheck]=60  # ~30 s
 )
-STEPS=(env wheels build tests bench ctest memcheck racecheck)
+STEPS=(env wheels build tests bench ctest memcheck_queue memcheck racecheck)
 MARK_BENCH="(gpu or tensorrt) and not slow"
 [ "$WITH_SLOW" = 1 ] && MARK_BENCH="gpu or tensorrt"
 SANITIZED_TESTS=(tests/test_resize_normalize.py -m gpu)
@@ -83,6 +85,7 @@ nvcc --version | tail -n 2; cmake --version | head -n 1")
   CMD_bench=("${PYTEST[@]}" -m "$MARK_BENCH" benchmarks --benchmark-only "--benchmark-json=$OUT/bench.json"
     --benchmark-columns=median,rounds)
   CMD_ctest=(ctest --test-dir "$BUILD_DIR" --output-on-failure --timeout 40)
+  CMD_memcheck_queue=(compute-sanitizer --tool memcheck --error-exitcode 3 "$BUILD_DIR/tests/cpp/test_batch_queue_cuda")
   CMD_memcheck=(compute-sanitizer --tool memcheck --error-exitcode 3 "${PYTEST[@]}" "${SANITIZED_TESTS[@]}"
     -k "inputs_on_the_device or out_form")
   CMD_racecheck=(compute-sanitizer --tool racecheck --error-exitcode 3 "${PYTEST[@]}" "${SANITIZED_TESTS[@]}"
@@ -193,7 +196,7 @@ if [ "$DRY_RUN" = 1 ]; then
   total=0
   for s in "${STEPS[@]}"; do
     declare -n cmd="CMD_$s"
-    printf '  %-9s %4ss  %s\n' "$s" "${LIMIT[$s]}" "$(show "${cmd[@]}")"
+    printf '  %-15s %4ss  %s\n' "$s" "${LIMIT[$s]}" "$(show "${cmd[@]}")"
     total=$((total + LIMIT[$s]))
     unset -n cmd
   done
@@ -253,6 +256,8 @@ run_step() {  # run_step NAME: run CMD_NAME under its limit (capped by the budge
   trt_skips=$(grep -E '^SKIPPED .* tensorrt: ' "$OUT/.step.log" | head -n 1 | sed -E 's/.* tensorrt: /tensorrt tests skipped: /')
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
     why="timed out after ${limit}s"
+  elif [ "$rc" -eq 127 ]; then
+    why="command not found (exit 127)"
   elif [ "$rc" -ne 0 ]; then
     why="exit $rc"
   elif [ -n "$gpu_skips" ]; then
@@ -279,8 +284,8 @@ check_wheels >>"$LOG" 2>&1 || echo "  (.whl/ problems: see $LOG)"
 run_step env
 if [ "${#wheel_list[@]}" -gt 0 ]; then run_step wheels; else record wheels skipped 0 "no .whl/*.whl"; fi
 run_step build && BUILD_OK=1
-for s in tests bench ctest memcheck racecheck; do
-  if [ "$BUILD_OK" = 1 ]; then run_step "$s"; else record "$s" skipped 0 "build failed"; fi
+for s in tests bench ctest memcheck_queue memcheck racecheck; do
+  if [ "$BUILD_OK" = 1 ]; then run_step "$s"; else record "$s" skipped 0 "needs the build, which did not pass"; fi
 done
 
 # --- the report ---------------------------------------------------------------------------------------
