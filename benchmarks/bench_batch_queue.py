@@ -36,9 +36,9 @@ def queue_setup(cpu_model):
 
 
 def _measure_with_batches(benchmark, encoder, fn, **kwargs) -> None:
-    before = encoder._queue.stats()  # the queue's own counters: how the images were batched
+    before = encoder.stats()  # the queue's own counters: how the images were batched
     measure(benchmark, fn, **kwargs)
-    after = encoder._queue.stats()
+    after = encoder.stats()
     batches = after["batches"] - before["batches"]
     benchmark.extra_info["mean_batch"] = round((after["images"] - before["images"]) / max(batches, 1), 1)
 

@@ -299,7 +299,7 @@ def test_gpu_pytorch_engine_end_to_end(benchmark, gpu_model, host_images_640x480
 
     name, _, _, encoder = gpu_model
     benchmark.group = _gpu_group(name)
-    before = encoder._queue.stats()
+    before = encoder.stats()
 
     def step():
         encoder.embed(host_images_640x480)
@@ -314,7 +314,7 @@ def test_gpu_pytorch_engine_end_to_end(benchmark, gpu_model, host_images_640x480
         compare=[Compare(MODEL_ONLY, EMBED_GPU_VS_MODEL_ONLY, ISSUE_5), Compare(EAGER)],
         gpu_work=(name, GPU_IMAGE_SIZE),
     )
-    after = encoder._queue.stats()
+    after = encoder.stats()
     batches = after["batches"] - before["batches"]
     benchmark.extra_info["mean_batch"] = (after["images"] - before["images"]) / max(batches, 1)
 

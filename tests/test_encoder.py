@@ -312,7 +312,8 @@ class MarkerEngine(_C.Engine):
 def test_engine_failure_fails_only_that_batch():
     spec = nf.PreprocessSpec(size=8, resize_mode="squash")
     white = (1.0 - spec.mean[0]) / spec.std[0]
-    enc = Encoder.from_engine(MarkerEngine(spec, white), spec, max_batch=2, max_delay_ms=0, streams=1)
+    # Batches close only when full (2 images; the delay is long), so each request is one batch.
+    enc = Encoder.from_engine(MarkerEngine(spec, white), spec, max_batch=2, max_delay_ms=60_000, streams=1)
     good = [np.full((8, 8, 3), 10, np.uint8), np.full((8, 8, 3), 20, np.uint8)]
     poisoned = [np.full((8, 8, 3), 255, np.uint8), np.full((8, 8, 3), 30, np.uint8)]
     with enc:
@@ -406,6 +407,11 @@ def test_sidecar_path_and_properties(tiny):
         assert (enc.dim, enc.model, enc.device, enc.max_batch) == (32, "tiny-clip", "cpu", MAX_BATCH)
         assert enc.logit_scale == pytest.approx(enc.metadata.logit_scale)
         assert "tiny-clip" in repr(enc)
+        enc.embed(random_images(MAX_BATCH + 1, seed=17))
+        stats = enc.stats()
+        assert stats["images"] == MAX_BATCH + 1
+        assert stats["batches"] >= 2
+        assert stats["largest_batch"] <= MAX_BATCH
 
 
 # --- GPU ------------------------------------------------------------------------------------------

@@ -302,6 +302,10 @@ class Encoder:
     def max_batch(self) -> int:
         return self._queue.max_batch
 
+    def stats(self) -> dict[str, int]:
+        """The queue's counters: batches run (and failed), images, requests, the largest batch, ..."""
+        return dict(self._queue.stats())
+
     @property
     def model(self) -> str:
         return self._towers.name

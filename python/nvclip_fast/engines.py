@@ -179,6 +179,7 @@ class TorchEngine(_C.Engine):
         self._encode = model.encode_image if tower == "image" else model.encode_text
         self._in, self._out = in_name, out_name
         self._device = torch.device(device, device_index) if device == "cuda" else torch.device("cpu")
+        self._cpu_run_lock = threading.Lock()  # one CPU run at a time, as OnnxEngine (see there)
 
     def _forward(self, x: Any) -> Any:
         torch = self._torch
@@ -192,7 +193,8 @@ class TorchEngine(_C.Engine):
             with warnings.catch_warnings():  # the queue's input view is read-only; torch only reads it
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
                 x = torch.from_numpy(inputs[self._in])
-            outputs[self._out][...] = self._forward(x).numpy()
+            with self._cpu_run_lock:
+                outputs[self._out][...] = self._forward(x).numpy()
             return
         # Everything on the slot's stream: ordered after the preprocessing that wrote the input,
         # and before the queue's copy of the output.
