@@ -218,28 +218,6 @@ struct BatchQueue::Slot {
 // ------------------------------------------------------------------------------------------------
 // BatchQueue: construction
 
-namespace {
-
-#if NVCLIP_WITH_CUDA
-// Sets the calling thread's device for the queue's set-up and restores the caller's afterwards
-// (the caller may be a Python thread with its own current device, e.g. torch's).
-class ScopedDevice {
- public:
-  explicit ScopedDevice(int device) {
-    NVCLIP_CUDA_CHECK(cudaGetDevice(&previous_));
-    NVCLIP_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~ScopedDevice() { cudaSetDevice(previous_); }
-  ScopedDevice(const ScopedDevice&) = delete;
-  ScopedDevice& operator=(const ScopedDevice&) = delete;
-
- private:
-  int previous_ = 0;
-};
-#endif
-
-}  // namespace
-
 BatchQueue::BatchQueue(std::shared_ptr<Engine> engine, std::shared_ptr<PreprocessStage> stage,
                        BatchQueueOptions options)
     : engine_(std::move(engine)),
@@ -325,7 +303,7 @@ BatchQueue::BatchQueue(std::shared_ptr<Engine> engine, std::shared_ptr<Preproces
   // Buffers, all allocated up front.
   const bool cuda = info.device == DeviceKind::kCuda;
 #if NVCLIP_WITH_CUDA
-  std::optional<ScopedDevice> device;
+  std::optional<CudaDeviceScope> device;  // set-up on the engine's device; the caller's restored after
   if (cuda) {
     if (cuda_device_count() <= info.device_index) {
       throw EngineError("the engine runs on cuda:" + std::to_string(info.device_index) +

@@ -21,6 +21,22 @@ std::string cuda_unavailable_reason();
 // Throws EngineError naming the call and the CUDA error; clears the (non-sticky) error state.
 void cuda_check(cudaError_t status, const char* call, const char* file, int line);
 #define NVCLIP_CUDA_CHECK(call) ::nvclip::cuda_check((call), #call, __FILE__, __LINE__)
+
+// Makes `device` current for the scope (allocations, TensorRT deserialization, contexts) and
+// restores the caller's device afterwards.
+class CudaDeviceScope {
+ public:
+  explicit CudaDeviceScope(int device) {
+    NVCLIP_CUDA_CHECK(cudaGetDevice(&previous_));
+    NVCLIP_CUDA_CHECK(cudaSetDevice(device));
+  }
+  ~CudaDeviceScope() { cudaSetDevice(previous_); }
+  CudaDeviceScope(const CudaDeviceScope&) = delete;
+  CudaDeviceScope& operator=(const CudaDeviceScope&) = delete;
+
+ private:
+  int previous_ = 0;
+};
 #endif
 
 }  // namespace nvclip

@@ -56,21 +56,6 @@ std::vector<char> read_file(const std::string& path) {
   return blob;
 }
 
-// Makes `device` current for TensorRT calls that allocate (deserialization, contexts) and restores
-// the caller's device afterwards.
-class DeviceScope {
- public:
-  explicit DeviceScope(int32_t device) {
-    NVCLIP_CUDA_CHECK(cudaGetDevice(&previous_));
-    NVCLIP_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~DeviceScope() { cudaSetDevice(previous_); }
-  DeviceScope(const DeviceScope&) = delete;
-  DeviceScope& operator=(const DeviceScope&) = delete;
-
- private:
-  int previous_ = 0;
-};
 
 }  // namespace
 
@@ -126,7 +111,7 @@ TrtEngine::TrtEngine(const std::string& plan_path, const TrtEngineOptions& optio
   const TrtLibrary& library = TrtLibrary::load(options.library);
   library_path_ = library.path();
   library_version_ = library.version();
-  DeviceScope device(options.device);
+  CudaDeviceScope device(options.device);
 
   nvinfer1::IRuntime* runtime = library.create_runtime(*logger_);
   const std::string runtime_errors = logger_->take_errors();
@@ -202,7 +187,7 @@ TrtEngine::~TrtEngine() {
   if (!contexts_.empty() || engine_) {
     // TensorRT frees device memory on the engine's device.
     try {
-      DeviceScope device(info().device_index);
+      CudaDeviceScope device(info().device_index);
       contexts_.clear();
       engine_.reset();
     } catch (...) {
@@ -213,7 +198,7 @@ TrtEngine::~TrtEngine() {
 }
 
 void TrtEngine::prepare_slots(int32_t slots) {
-  DeviceScope device(info().device_index);
+  CudaDeviceScope device(info().device_index);
   while (static_cast<int32_t>(contexts_.size()) < slots) {
     std::unique_ptr<nvinfer1::IExecutionContext> context(engine_->createExecutionContext());
     if (!context) fail("createExecutionContext failed for stream slot " + std::to_string(contexts_.size()));
