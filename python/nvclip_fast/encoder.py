@@ -13,7 +13,7 @@ import functools
 import os
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ CHUNK_BATCHES = 4
 # Decoding runs this many items ahead of the queue per decoding thread.
 DECODE_AHEAD_PER_THREAD = 4
 DEFAULT_TEMPLATE = "a photo of a {}."
+_ENCODED = (str, os.PathLike, bytes, bytearray, memoryview)  # items that need decoding: worth a thread
 # Zero-shot logits scale when the bundle has no sidecar: CLIP's learned temperature ends at its cap, 100.
 DEFAULT_LOGIT_SCALE = 100.0
 
@@ -393,19 +394,23 @@ class Encoder:
         return as_host_pixels(decode_image(item, index, self.spec))
 
     def _decode(self, items: list[Any], offset: int, on_error: str) -> list[Any]:
-        """Host pixels per item, decoded in parallel; None for a bad one with on_error="nan", else
-        ItemError naming it. ``offset`` is the caller's index of items[0]."""
-        pixels: list[Any] = []
-        try:
+        """Host pixels per item (files and bytes decoded in parallel); None for a bad one with
+        on_error="nan", else ItemError naming it. ``offset`` is the caller's index of items[0]."""
+        if sum(isinstance(item, _ENCODED) for item in items) > 1:
             futures = ordered_map(
                 self._decode_pool,
                 lambda item, k: self._decode_one(item, offset + k),
                 items,
                 self._decode_ahead,
             )
-            for k, f in enumerate(futures):
+            results: Iterable[Callable[[], Any]] = (f.result for f in futures)
+        else:  # arrays, tensors, PIL images: nothing worth a thread hop
+            results = (functools.partial(self._decode_one, item, offset + k) for k, item in enumerate(items))
+        pixels: list[Any] = []
+        try:
+            for k, result in enumerate(results):
                 try:
-                    pixels.append(f.result())
+                    pixels.append(result())
                 except (ValueError, TypeError) as e:
                     if on_error == "raise":
                         raise ItemError(offset + k, str(e)) from e
