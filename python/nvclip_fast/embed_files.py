@@ -25,7 +25,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from .encoder import Encoder, l2_normalize, top_labels
-from .images import Sized, decode_image_sized, ordered_map
+from .images import DECODE_AHEAD_PER_THREAD, Sized, decode_image_sized, ordered_map
 from .outputs import (
     Checkpoint,
     Rows,
@@ -41,9 +41,7 @@ from .preprocess import PreprocessSpec
 from .sources import Source, iter_sources
 
 DTYPES = ("float32", "float16")
-# Decoded images waiting for the queue, per worker, and batches in flight in the queue: enough to
-# keep the engine busy while the decoders catch up, bounded so memory stays bounded.
-PREFETCH_PER_WORKER = 4
+# Batches in flight in the queue: enough to keep the engine busy while the decoders catch up.
 BATCHES_IN_FLIGHT = 4
 CHECKPOINT_ROWS = 4096  # rows per checkpoint chunk (OUT.inprogress/): what an interruption can lose
 PROGRESS_INTERVAL_S = 0.5
@@ -158,7 +156,7 @@ def _decoded(
             pool,
             lambda source, k: _read_and_decode(source, k, spec),
             sources,
-            max(1, workers * PREFETCH_PER_WORKER),
+            max(1, workers * DECODE_AHEAD_PER_THREAD),
         )
         for source, future in zip(sources, futures, strict=False):
             yield (source, *future.result())

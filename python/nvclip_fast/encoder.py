@@ -22,16 +22,19 @@ import numpy as np
 
 from . import _C, metadata
 from ._C import EngineError
-from .images import as_host_pixels, as_image_list, decode_image, is_torch_tensor, ordered_map
+from .images import (
+    DECODE_AHEAD_PER_THREAD,
+    as_host_pixels,
+    as_image_list,
+    decode_image,
+    is_torch_tensor,
+    ordered_map,
+)
 from .preprocess import PreprocessSpec
 from .tokenizer import CLIP_BPE_KIND, DEFAULT_CONTEXT_LENGTH, Tokenizer, load_tokenizer
 
 ON_ERROR = ("raise", "nan")
 OUTPUTS = ("numpy", "torch")
-PLAN_SUFFIX = ".plan"
-ONNX_SUFFIX = ".onnx"
-SIDECAR_SUFFIX = ".json"
-TEXT_STEM_SUFFIX = ".text"  # vith.plan -> vith.text.plan (the exporter's bundle layout)
 MIB = 1 << 20
 # Host staging ring: CPU engines need little (a batch of decoded images); CUDA engines keep
 # several batches in flight (streams x max_batch x image bytes, plus room to queue the next).
@@ -39,8 +42,6 @@ DEFAULT_STAGING_MB = {"cpu": 64, "cuda": 256}
 # submit() decodes and queues this many batches' worth of images at a time, so a long list of
 # files never holds more than about that many decoded images at once.
 CHUNK_BATCHES = 4
-# Decoding runs this many items ahead of the queue per decoding thread.
-DECODE_AHEAD_PER_THREAD = 4
 DEFAULT_TEMPLATE = "a photo of a {}."
 _ENCODED = (str, os.PathLike, bytes, bytearray, memoryview)  # items that need decoding: worth a thread
 # Zero-shot logits scale when the bundle has no sidecar: CLIP's learned temperature ends at its cap, 100.
@@ -90,13 +91,6 @@ def _check_cuda(index: int) -> None:
         )
     if index >= count:
         raise EngineError(f"device 'cuda:{index}' requested but only {count} CUDA device(s) are visible")
-
-
-def _sibling(path: Path, suffix: str, text: bool = False) -> Path:
-    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
-    if stem.endswith(TEXT_STEM_SUFFIX):
-        stem = stem[: -len(TEXT_STEM_SUFFIX)]
-    return path.with_name(stem + (TEXT_STEM_SUFFIX if text else "") + suffix)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -594,21 +588,20 @@ def _load_bundle(path: Path, kind: str, index: int, threads: int | None) -> _Tow
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     suffix = path.suffix.lower()
-    if suffix not in (PLAN_SUFFIX, ONNX_SUFFIX, SIDECAR_SUFFIX):
+    if suffix not in (metadata.PLAN_SUFFIX, metadata.ONNX_SUFFIX, metadata.SIDECAR_SUFFIX):
         raise ValueError(f"{path}: expected a .plan (TensorRT), .onnx (ONNX Runtime) or .json (sidecar) file")
-    sidecar = _sibling(path, SIDECAR_SUFFIX)
+    sidecar = path if suffix == metadata.SIDECAR_SUFFIX else metadata.bundle_paths(path).sidecar
     meta = metadata.load(sidecar) if sidecar.is_file() else None
-    if suffix == SIDECAR_SUFFIX:
-        if meta is None:
-            raise FileNotFoundError(f"{path}: no such sidecar")
+    if suffix == metadata.SIDECAR_SUFFIX:
         image_tower = meta.towers["image"]
         use_plan = (
             image_tower.plan is not None and kind != "cpu" and (kind == "cuda" or _C.cuda_device_count() > 0)
         )
         path = meta.path(image_tower.plan if use_plan else image_tower.onnx)
         suffix = path.suffix.lower()
+    bundle = metadata.bundle_paths(path)
 
-    if suffix == PLAN_SUFFIX:
+    if suffix == metadata.PLAN_SUFFIX:
         if kind == "cpu":
             raise ValueError(f"{path}: TensorRT plans run on CUDA devices; use the .onnx with device='cpu'")
 
@@ -632,11 +625,13 @@ def _load_bundle(path: Path, kind: str, index: int, threads: int | None) -> _Tow
             )
 
     image = make(path, "image")
-    text_path: Path | None = _sibling(path, path.suffix, text=True)
+    text_path: Path | None = (bundle.plan if suffix == metadata.PLAN_SUFFIX else bundle.onnx)["text"]
     if meta is not None:
         text_tower = meta.towers.get("text")
         text_file = (
-            None if text_tower is None else (text_tower.plan if suffix == PLAN_SUFFIX else text_tower.onnx)
+            None
+            if text_tower is None
+            else (text_tower.plan if suffix == metadata.PLAN_SUFFIX else text_tower.onnx)
         )
         text_path = meta.path(text_file) if text_file else None
     # Made on first use, once (the tokenizer of a bundle without sidecar reads its context length).

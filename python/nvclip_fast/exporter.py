@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.export import Dim
 
 from . import __version__, metadata, models, trt_build
-from .metadata import BATCH_DIM, RGB_CHANNELS
+from .metadata import BATCH_DIM, RGB_CHANNELS, BundlePaths, bundle_paths
 
 __all__ = ["ExportError", "ParityError", "bundle_paths", "check_onnx_parity", "export"]
 
@@ -76,41 +76,6 @@ class ParityError(RuntimeError):
     def __init__(self, message: str, results: Sequence[metadata.Parity] = ()) -> None:
         self.results = list(results)
         super().__init__(message)
-
-
-# --- bundle layout ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BundlePaths:
-    directory: Path
-    stem: str
-    sidecar: Path
-    onnx: dict[str, Path]
-    plan: dict[str, Path]
-    build_plans: bool
-
-    @staticmethod
-    def data(onnx_path: Path) -> Path:
-        """The external-data file torch writes next to an ONNX graph."""
-        return onnx_path.with_name(onnx_path.name + ".data")
-
-
-def bundle_paths(out: str | Path) -> BundlePaths:
-    """``vith.onnx`` or ``vith.plan`` -> vith.onnx, vith.text.onnx, vith.json (+ vith.plan and
-    vith.text.plan for a ``.plan`` target)."""
-    out = Path(out)
-    if out.suffix not in (".onnx", ".plan"):
-        raise ValueError(f"output must end in .onnx or .plan, got {str(out)!r}")
-    directory, stem = out.parent, out.stem
-    return BundlePaths(
-        directory=directory,
-        stem=stem,
-        sidecar=directory / f"{stem}.json",
-        onnx={"image": directory / f"{stem}.onnx", "text": directory / f"{stem}.text.onnx"},
-        plan={"image": directory / f"{stem}.plan", "text": directory / f"{stem}.text.plan"},
-        build_plans=out.suffix == ".plan",
-    )
 
 
 def _size(path: Path) -> str:

@@ -213,6 +213,11 @@ def as_image_list(images: Any) -> list[Any]:
     return list(images)
 
 
+# How far decoding runs ahead of its consumer, per decoding thread: enough to keep the queue fed
+# while a slow file decodes, bounded so that memory stays bounded.
+DECODE_AHEAD_PER_THREAD = 4
+
+
 def ordered_map(
     pool: concurrent.futures.Executor, fn: Callable[..., Any], items: Iterable[Any], ahead: int
 ) -> Iterator[concurrent.futures.Future]:

@@ -33,6 +33,7 @@ __all__ = [
     "TEXT_OUTPUT",
     "TOWER_TENSOR_NAMES",
     "BatchProfile",
+    "BundlePaths",
     "Metadata",
     "MetadataError",
     "Parity",
@@ -41,6 +42,7 @@ __all__ = [
     "Tokenizer",
     "Tower",
     "Weights",
+    "bundle_paths",
     "load",
     "save",
 ]
@@ -74,6 +76,10 @@ RGB_CHANNELS = 3
 UINT8_MAX = 255
 SHA256_HEX_LENGTH = 64
 EMBEDS_RANK = 2  # outputs are (batch, embed_dim)
+ONNX_SUFFIX = ".onnx"
+PLAN_SUFFIX = ".plan"
+SIDECAR_SUFFIX = ".json"
+TEXT_STEM = ".text"  # vith.onnx -> vith.text.onnx: the text tower beside the image tower
 SIDECAR_MODE = 0o644  # tempfile.mkstemp creates 0600 files; a sidecar is meant to be shared
 
 
@@ -606,3 +612,44 @@ def save(meta: Metadata, path: str | os.PathLike[str]) -> Metadata:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Metadata.from_dict(meta.to_dict(), directory=path.resolve().parent)
+
+
+# --- bundle layout ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BundlePaths:
+    directory: Path
+    stem: str
+    sidecar: Path
+    onnx: dict[str, Path]
+    plan: dict[str, Path]
+    build_plans: bool
+
+    @staticmethod
+    def data(onnx_path: Path) -> Path:
+        """The external-data file torch writes next to an ONNX graph."""
+        return onnx_path.with_name(onnx_path.name + ".data")
+
+
+def bundle_paths(out: str | Path) -> BundlePaths:
+    """``vith.onnx`` or ``vith.plan`` -> vith.onnx, vith.text.onnx, vith.json (+ vith.plan and
+    vith.text.plan for a ``.plan`` target)."""
+    out = Path(out)
+    if out.suffix not in (ONNX_SUFFIX, PLAN_SUFFIX):
+        raise ValueError(f"output must end in .onnx or .plan, got {str(out)!r}")
+    directory, stem = out.parent, out.stem
+    return BundlePaths(
+        directory=directory,
+        stem=stem,
+        sidecar=directory / f"{stem}{SIDECAR_SUFFIX}",
+        onnx={
+            "image": directory / f"{stem}{ONNX_SUFFIX}",
+            "text": directory / f"{stem}{TEXT_STEM}{ONNX_SUFFIX}",
+        },
+        plan={
+            "image": directory / f"{stem}{PLAN_SUFFIX}",
+            "text": directory / f"{stem}{TEXT_STEM}{PLAN_SUFFIX}",
+        },
+        build_plans=out.suffix == PLAN_SUFFIX,
+    )
