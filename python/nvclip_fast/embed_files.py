@@ -141,7 +141,7 @@ def embed_files(
 
     ``model``: an exported bundle (``.plan``, ``.onnx`` or its ``.json``) or an open Encoder.
     Bad inputs are skipped and listed in ``OUT.errors.jsonl``. ``resume``: skip ids already in
-    ``out`` or saved by an interrupted run. ``progress``: None = a bar when stderr is a terminal.
+    ``out`` or saved by an interrupted run. ``progress``: see :func:`progress_bar` (None: tqdm's choice).
     ``checkpoint_rows``: finished rows are saved for ``resume`` every so many rows (and on Ctrl-C).
     """
     out_path = check_output_path(out)

@@ -259,9 +259,9 @@ class ImagePipeline:
     def stream(
         self, items: Sequence[Any], *, load: Callable[[Any], Any] | None, batch: int, workers: int
     ) -> Iterator[Item]:
-        """Every item, in order, with its L2-normalized ``row`` or its ``error``: decoded on
-        ``workers`` threads of its own (``load`` turns an item into an image there), queued in groups
-        of at most ``batch``, ``BATCHES_IN_FLIGHT`` batches ahead. For inputs too many to hold."""
+        """Every item, in order, with its L2-normalized ``row`` or its ``error``, as soon as its group
+        is back: decoded on ``workers`` threads of its own (``load`` turns an item into an image
+        there), queued in groups of at most ``batch``, up to ``BATCHES_IN_FLIGHT`` batches ahead."""
         in_flight: collections.deque[tuple[list[Item], list[Item], Merge]] = collections.deque()
         queued = 0
         with (
@@ -275,7 +275,7 @@ class ImagePipeline:
                 merge.seal()
                 in_flight.append((group, good, merge))
                 queued += len(good)
-                while queued > BATCHES_IN_FLIGHT * batch:
+                while in_flight and (queued > BATCHES_IN_FLIGHT * batch or in_flight[0][2].future.done()):
                     queued -= len(in_flight[0][1])
                     yield from _settled(*in_flight.popleft())
             while in_flight:
