@@ -5,7 +5,9 @@
 The engine (images only, 8 px, squash) embeds each image as (its mean channel-0 input value, 1, 0, 0),
 so a solid-colour image's row is known in advance; it fails every batch holding an image whose
 top-left pixel is white (a marker the tests plant), and sleeps ``--batch-delay-s`` per batch after
-the server's warm-up batch (a request in flight for as long as a test needs one). Prints
+the server's warm-up batch (a request in flight for as long as a test needs one).
+``--with-router`` adds ``POST /v1/echo`` through ``create_app(routers=...)``, as other modules add
+routes: it embeds ``{"input": [...]}`` with the server's own service. Prints
 ``listening on http://...`` like ``nvclip-fast serve``.
 """
 
@@ -16,10 +18,12 @@ import sys
 import time
 
 import numpy as np
+from fastapi import APIRouter
 
 import nvclip_fast as nf
 from nvclip_fast import _C, metadata
 from nvclip_fast.server import Settings, run
+from nvclip_fast.server.app import Service
 
 SIZE = 8
 DIM = 4
@@ -59,6 +63,17 @@ class MarkerEngine(_C.Engine):
         out[:, 1] = 1
 
 
+def echo_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/echo")
+    async def echo(body: dict, svc: Service) -> dict:
+        embedded = await svc.embed(body["input"])
+        return {"model": svc.model_name, "rows": embedded.rows.tolist()}
+
+    return router
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batch-delay-s", type=float, default=0.0)
@@ -67,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-delay-ms", type=float, default=2.0)
     p.add_argument("--max-items", type=int, default=Settings.max_items)
     p.add_argument("--max-queued", type=int, default=Settings.max_queued)
+    p.add_argument("--api-key")
+    p.add_argument("--with-router", action="store_true")
     args = p.parse_args(argv)
 
     def load() -> nf.Encoder:
@@ -76,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             engine, SPEC, name="marker", max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, streams=1
         )
 
-    settings = Settings(max_items=args.max_items, max_queued=args.max_queued)
-    return run(load, settings, host="127.0.0.1", port=0)
+    settings = Settings(max_items=args.max_items, max_queued=args.max_queued, api_key=args.api_key)
+    routers = [echo_router()] if args.with_router else []
+    return run(load, settings, host="127.0.0.1", port=0, routers=routers)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from server_process import (  # noqa: E402
 )
 
 API_KEY = "test-key-123"
-# issue 13: every row equals Encoder.embed / embed_text on the same input with cosine >= 0.99999. The
+# Every row must equal Encoder.embed / embed_text on the same input with cosine >= 0.99999. The
 # server runs the same ONNX graph as the in-process Encoder, in other batch compositions.
 MIN_COS = 0.99999
 ROW_ATOL = 1e-5
@@ -623,6 +623,29 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
         assert proc.wait_exit() in (0, -signal.SIGTERM)
         log = proc.output()
         assert log.index("Waiting for connections to close") < log.index("stopped: the model is closed")
+    finally:
+        proc.stop()
+
+
+def test_routers_join_the_app_behind_the_key(tmp_path):
+    """A route added with create_app(routers=...) reaches the service (``Service`` dependency), is
+    behind the API key and is counted in the metrics like the built-in ones."""
+    proc = engine_server_process(tmp_path, "--with-router", "--api-key", API_KEY)
+    try:
+        proc.wait_ready()
+        c = proc.client(API_KEY)
+        reply = c.post("/v1/echo", {"input": [data_url(marker_image(12)), data_url(marker_image(34))]})
+        assert reply.status == 200, reply.body
+        assert reply.json()["model"] == "marker"
+        expected = np.stack([engine_server.expected_row(v) for v in (12, 34)])
+        np.testing.assert_allclose(np.array(reply.json()["rows"], np.float32), expected, atol=1e-6)
+        anonymous = proc.client()
+        assert_error(anonymous.post("/v1/echo", {"input": ["x"]}), 401, "invalid_api_key")
+        anonymous.close()
+        values = metric_values(c)
+        assert metric(values, "nvclip_fast_requests_total", route="/v1/echo", code="200") == 1
+        assert metric(values, "nvclip_fast_requests_total", route="/v1/echo", code="401") == 1
+        c.close()
     finally:
         proc.stop()
 

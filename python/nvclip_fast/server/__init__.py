@@ -36,6 +36,7 @@ __all__ = ["API_KEY_ENV", "Settings", "add_parser", "create_app", "encoder_loade
 API_KEY_ENV = "NVCLIP_FAST_API_KEY"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+EXIT_ERROR = 1  # the server could not start, or the model could not be loaded
 EXIT_USAGE = 2
 BUNDLE_SUFFIXES = (metadata.PLAN_SUFFIX, metadata.ONNX_SUFFIX, metadata.SIDECAR_SUFFIX)
 
@@ -103,14 +104,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    return run(
-        load,
-        settings,
-        host=args.host,
-        port=args.port,
-        access_log=args.access_log,
-        log_level=args.log_level,
-    )
+    try:
+        return run(
+            load,
+            settings,
+            host=args.host,
+            port=args.port,
+            access_log=args.access_log,
+            log_level=args.log_level,
+        )
+    except OSError as e:  # the address cannot be bound
+        print(f"nvclip-fast serve: error: {args.host}:{args.port}: {e}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -120,7 +125,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="HTTP embeddings server (NV-CLIP NIM and OpenAI compatible): POST /v1/embeddings",
         description="Serve POST /v1/embeddings (texts and data:image/...;base64 URLs, NV-CLIP NIM's and "
         "OpenAI's schema), GET /v1/models, /v1/health/live, /v1/health/ready and /v1/metrics. Concurrent "
-        "requests share engine batches. SIGTERM finishes the requests in flight, then exits.",
+        "requests share engine batches. SIGTERM finishes the requests in flight, then exits. Exit status: "
+        f"{EXIT_ERROR} when the model cannot be loaded or the address bound, {EXIT_USAGE} for bad "
+        "arguments; after SIGTERM or SIGINT the process ends by that signal.",
     )
     p.add_argument(
         "-m",

@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..encoder import Encoder
+from . import EXIT_ERROR
 from .metrics import Metrics
 from .schema import (
     ERROR_RESPONSES,
@@ -113,16 +114,18 @@ class ApiKeyMiddleware:
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.key = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].startswith(HEALTH_PREFIX):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization")
-        if given is not None and hmac.compare_digest(given, self.expected):
-            await self.app(scope, receive, send)
-            return
+        if given is not None:
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+                await self.app(scope, receive, send)
+                return
         message = (
             "missing API key: send 'Authorization: Bearer <key>'" if given is None else "invalid API key"
         )
@@ -230,8 +233,9 @@ def create_app(
         try:
             yield
         finally:
-            await svc.close()
+            loading.cancel()  # a load still running is finished and closed by close()
             await asyncio.gather(loading, return_exceptions=True)
+            await svc.close()
 
     app = FastAPI(
         title="nvclip-fast",
@@ -385,8 +389,9 @@ def run(
 ) -> int:
     """Serve until SIGTERM or SIGINT: in-flight requests finish (up to ``settings.drain_timeout_s``),
     then the Encoder is closed. Prints ``listening on http://HOST:PORT`` (the bound port, also for
-    ``port=0``) to stdout once the socket is bound. Returns 1 when the model could not be loaded,
-    else 0 (after a signal, uvicorn re-raises it once shut down, as a process manager expects)."""
+    ``port=0``) to stdout once the socket is bound (OSError if it cannot be). Returns 1 when the
+    model could not be loaded, else 0 (after a signal, uvicorn re-raises it once shut down, as a
+    process manager expects)."""
     import uvicorn
 
     settings = settings or Settings()
@@ -394,10 +399,9 @@ def run(
     from PIL import Image
 
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    holder: list[uvicorn.Server] = []
 
-    def stop(error: BaseException) -> None:
-        holder[0].should_exit = True
+    def stop(error: BaseException) -> None:  # nothing to serve: shut down (run returns 1)
+        server.should_exit = True
 
     app = create_app(load, settings, routers=routers, on_load_failure=stop)
     # uvicorn's logging, with this package's loggers ("nvclip_fast.*") printed like its own.
@@ -418,7 +422,6 @@ def run(
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
     server = uvicorn.Server(config)
-    holder.append(server)
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     print(f"nvclip-fast serve: listening on http://{shown}:{sock.getsockname()[1]}", flush=True)
@@ -428,5 +431,5 @@ def run(
             f"nvclip-fast serve: error: the model could not be loaded: {app.state.service.load_error}",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_ERROR
     return 0
