@@ -151,13 +151,10 @@ class SideBySide:
 
     def server_queue(self) -> tuple[float, float]:
         """(images, batches) the server's queue has run, from its /v1/metrics."""
-        client = self._client()
-        text = client.get("/v1/metrics").body.decode()
-        values = {}
-        for line in text.splitlines():
-            if line.startswith(("nvclip_fast_queue_images_total ", "nvclip_fast_queue_batches_total ")):
-                name, value = line.split()
-                values[name] = float(value)
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = self._client().get("/v1/metrics").body.decode()
+        values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
         return values["nvclip_fast_queue_images_total"], values["nvclip_fast_queue_batches_total"]
 
     def close(self) -> None:

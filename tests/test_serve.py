@@ -33,6 +33,7 @@ import serve_test_engine as engine_server  # noqa: E402
 from nvclip_fast import cli, server  # noqa: E402
 from nvclip_fast.server import Settings  # noqa: E402
 from nvclip_fast.server.inputs import split_inputs  # noqa: E402
+from nvclip_fast.server.metrics import Metrics  # noqa: E402
 from nvclip_fast.server.schema import ApiError  # noqa: E402
 from server_process import (  # noqa: E402
     Client,
@@ -68,15 +69,20 @@ def photo(seed: int, height: int = 40, width: int = 56) -> np.ndarray:
     return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
+def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(sample name, sorted labels): value} of a Prometheus text exposition."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in prometheus_parser.text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def metric_values(client: Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     reply = client.get("/v1/metrics")
     assert reply.status == 200
     assert reply.headers["content-type"].startswith("text/plain")
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in prometheus_parser.text_string_to_metric_families(reply.body.decode())
-        for s in family.samples
-    }
+    return parse_metrics(reply.body.decode())
 
 
 def metric(values: dict, name: str, **labels: str) -> float:
@@ -707,6 +713,30 @@ def test_split_inputs_tells_texts_from_images():
     with pytest.raises(ApiError, match=r"input\[0\]: malformed data URL") as e:
         split_inputs(["data:image/png;base64" + "A" * 300], 1 << 20)
     assert e.value.status == 422
+
+
+def test_queue_metrics_export_every_stat_and_batch_sizes():
+    """The Encoder's counters as Prometheus counters/gauges; {batch size: batches} as a histogram."""
+    metrics = Metrics()
+    metrics.watch_queue(
+        lambda: {
+            "batches": 7,
+            "images": 20,
+            "largest_batch": 8,
+            "queued_images": 3,
+            "batch_sizes": {1: 2, 3: 4, 8: 1},
+        }
+    )
+    values = parse_metrics(metrics.render()[0].decode())
+    assert values[("nvclip_fast_queue_batches_total", ())] == 7
+    assert values[("nvclip_fast_queue_images_total", ())] == 20
+    assert values[("nvclip_fast_queue_largest_batch", ())] == 8
+    assert values[("nvclip_fast_queue_queued_images", ())] == 3
+    buckets = {"1.0": 2, "2.0": 2, "4.0": 6, "8.0": 7, "16.0": 7, "+Inf": 7}
+    for le, count in buckets.items():
+        assert values[("nvclip_fast_image_batch_size_bucket", (("le", le),))] == count
+    assert values[("nvclip_fast_image_batch_size_sum", ())] == 1 * 2 + 3 * 4 + 8 * 1
+    assert values[("nvclip_fast_image_batch_size_count", ())] == 7
 
 
 def _args(**given) -> argparse.Namespace:
