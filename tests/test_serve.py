@@ -383,7 +383,11 @@ def test_bad_bodies_and_keys(model_server, client):
         client.request("POST", "/v1/embeddings", b"{not json"), 422, "invalid_request", "body", "JSON"
     )
     assert_error(client.request("POST", "/v1/embeddings", b"[1, 2]"), 422, "invalid_request", "body")
+    form = {"Content-Type": "application/x-www-form-urlencoded"}  # what curl -d sends by default
+    reply = client.request("POST", "/v1/embeddings", b'{"input": "x"}', headers=form)
+    assert_error(reply, 422, "invalid_request", "body", "Content-Type: application/json")
     assert_error(client.get("/v1/nothing-here"), 404, "not_found")
+    assert_error(client.request("PUT", "/v1/embeddings"), 405, "method_not_allowed")
     # Over the body limit as announced by Content-Length: refused before the body is read (2 GiB
     # announced, 2 bytes sent: a server that waited for the body would never answer).
     liar = Client(model_server.port, API_KEY)

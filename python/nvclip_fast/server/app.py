@@ -254,6 +254,11 @@ def create_app(
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = [_validation_message(e) for e in error.errors()]
         message = "; ".join(f"{param}: {msg}" for param, msg in problems)
+        content_type = request.headers.get("content-type", "")
+        if "json" not in content_type and request.method == "POST":  # FastAPI parses JSON bodies only
+            message = (
+                f"the body must be JSON, sent with Content-Type: application/json (got {content_type!r})"
+            )
         return error_response(ApiError(422, message, code="invalid_request", param=problems[0][0]))
 
     @app.exception_handler(StarletteHTTPException)
