@@ -88,7 +88,7 @@ GPU_MAX_BATCH = 64  # more than the 16 requests in flight: batches are as large 
 def gpu_setup(request) -> Setup:
     return Setup(
         group=f"serve gpu {GPU_MODEL} fp16",
-        images=512,
+        images=256,
         precision="fp16",
         server_args=[
             "-m",
