@@ -8,6 +8,7 @@ the same checkpoint (``create_model(name, pretrained=path)``), at batch 1, 3 and
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shlex
 import subprocess
@@ -510,3 +511,36 @@ def test_tensorrt_plans_match_open_clip(tmp_path, precision):
         timing_cache=cache,
     )
     assert again.has_plans
+
+
+@pytest.mark.tensorrt
+def test_plan_runs_natively_in_a_fresh_process(tmp_path):
+    """`pip install tensorrt` puts libnvinfer in site-packages/tensorrt_libs/: a process that never
+    imports tensorrt still finds it and runs the plan natively."""
+    import nvclip_fast
+
+    if not nvclip_fast.build_info()["tensorrt"]:
+        pytest.skip("this nvclip_fast was built without TensorRT headers: no native TensorRT engine")
+    checkpoint = tiny_models.save_checkpoint(tiny_models.random_model("tiny-clip", seed=9), tmp_path / "c.pt")
+    plan = tmp_path / "m.plan"
+    meta = exporter.export("tiny-clip", plan, weights=checkpoint, max_batch=MAX_BATCH, text=False, quiet=True)
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import numpy as np
+        from nvclip_fast import Encoder, trt_library
+        library = trt_library.load()
+        with Encoder({str(plan)!r}) as enc:
+            rows = enc.embed([np.full((40, 50, 3), 7, np.uint8), np.zeros((30, 20), np.uint8)])
+        norms = np.linalg.norm(rows, axis=1).tolist()
+        imported = "tensorrt" in sys.modules
+        print(json.dumps({{"kind": library.kind, "shape": rows.shape, "norms": norms, "imported": imported}}))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout.splitlines()[-1])
+    assert (found["kind"], found["shape"], found["imported"]) == ("full", [2, meta.embed_dim], False)
+    assert found["norms"] == pytest.approx([1.0, 1.0], abs=1e-3)
