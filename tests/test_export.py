@@ -514,16 +514,26 @@ def test_tensorrt_plans_match_open_clip(tmp_path, precision):
 
 
 @pytest.mark.tensorrt
-def test_plan_runs_natively_in_a_fresh_process(tmp_path):
+@pytest.mark.parametrize("version_compatible", [False, True])
+def test_plan_runs_natively_in_a_fresh_process(tmp_path, version_compatible):
     """`pip install tensorrt` puts libnvinfer in site-packages/tensorrt_libs/: a process that never
-    imports tensorrt still finds it and runs the plan natively."""
+    imports tensorrt still finds it and runs the plan natively (a version-compatible plan too, with
+    the full runtime)."""
     import nvclip_fast
 
     if not nvclip_fast.build_info()["tensorrt"]:
         pytest.skip("this nvclip_fast was built without TensorRT headers: no native TensorRT engine")
     checkpoint = tiny_models.save_checkpoint(tiny_models.random_model("tiny-clip", seed=9), tmp_path / "c.pt")
     plan = tmp_path / "m.plan"
-    meta = exporter.export("tiny-clip", plan, weights=checkpoint, max_batch=MAX_BATCH, text=False, quiet=True)
+    meta = exporter.export(
+        "tiny-clip",
+        plan,
+        weights=checkpoint,
+        max_batch=MAX_BATCH,
+        text=False,
+        version_compatible=version_compatible,
+        quiet=True,
+    )
     script = textwrap.dedent(
         f"""
         import json, sys
