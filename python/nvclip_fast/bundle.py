@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _C, metadata
+from . import _C, metadata, trt_library
 from ._C import EngineError
 from .metadata import PreprocessSpec
 from .tokenizer import CLIP_BPE_VOCAB_FILE, DEFAULT_CONTEXT_LENGTH, Tokenizer, load_tokenizer
@@ -81,7 +81,7 @@ def load_bundle(path: Path, device: str, threads: int | None) -> Towers:
             raise ValueError(f"{path}: TensorRT plans run on CUDA devices; use the .onnx with device='cpu'")
 
         def make(p: Path, tower: str) -> _C.Engine:
-            return _C.TrtEngine(p, device=index)
+            return _C.TrtEngine(p, device=index, search_dirs=trt_library.search_dirs())
     else:
         if kind == "auto":
             from .engines import cuda_provider_available
