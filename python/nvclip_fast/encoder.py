@@ -26,8 +26,6 @@ from .metadata import PreprocessSpec
 from .pipeline import ImagePipeline, Item, ItemError, Merge, QueueOptions, l2_normalize
 from .tokenizer import Tokenizer
 
-__all__ = ["Encoder", "ItemError", "QueueOptions", "l2_normalize", "top_labels"]
-
 ON_ERROR = ("raise", "nan")
 OUTPUTS = ("numpy", "torch")
 DEFAULT_TEMPLATE = "a photo of a {}."

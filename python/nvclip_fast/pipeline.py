@@ -75,8 +75,7 @@ class QueueOptions:
 
 @dataclass
 class Item:
-    """One of a call's items: decoded ``pixels`` (until queued) and ``size`` (width, height) as
-    stored, then its ``row``; or ``error``, why it has none (``cause``: the exception behind it)."""
+    """One of a call's items: ``pixels`` and stored ``size`` (W, H), then ``row``; or ``error``, ``cause``."""
 
     index: int
     pixels: np.ndarray | None = None
