@@ -35,6 +35,8 @@ class Towers:
     logit_scale: float | None = None
     logit_bias: float | None = None
     meta: metadata.Metadata | None = None
+    engine: str = "custom"  # what runs the towers: "tensorrt", "onnxruntime", "torch", or "custom"
+    precision: str = "fp32"  # the engines' arithmetic: "fp32" or "fp16"
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -75,6 +77,8 @@ def load_bundle(path: Path, device: str, threads: int | None) -> Towers:
         path = meta.path(image_tower.plan if use_plan else image_tower.onnx)
         suffix = path.suffix.lower()
     plan = suffix == metadata.PLAN_SUFFIX
+    engine = "tensorrt" if plan else "onnxruntime"
+    precision = meta.precision if meta is not None else "fp32"
 
     if plan:
         if kind == "cpu":
@@ -89,7 +93,6 @@ def load_bundle(path: Path, device: str, threads: int | None) -> Towers:
             kind = "cuda" if _C.cuda_device_count() > 0 and cuda_provider_available() else "cpu"
         if kind == "cuda":
             check_cuda(index)
-        precision = meta.precision if meta is not None else "fp32"
 
         def make(p: Path, tower: str) -> _C.Engine:
             from .engines import OnnxEngine
@@ -122,7 +125,8 @@ def load_bundle(path: Path, device: str, threads: int | None) -> Towers:
             else functools.partial(load_tokenizer, meta.tokenizer, sidecar.parent)
         )
         scale, bias = meta.logit_scale, meta.logit_bias
-        return Towers(image, text, meta.preprocess, tokenizer, engine_dim, meta.model, scale, bias, meta)
+        kinds = {"meta": meta, "engine": engine, "precision": precision}
+        return Towers(image, text, meta.preprocess, tokenizer, engine_dim, meta.model, scale, bias, **kinds)
 
     warnings.warn(
         f"{path}: no sidecar {sidecar.name}; preprocessing uses open_clip's defaults at {engine_size} px "
@@ -139,7 +143,10 @@ def load_bundle(path: Path, device: str, threads: int | None) -> Towers:
             spec = metadata.Tokenizer(metadata.CLIP_BPE_KIND, context, vocab=CLIP_BPE_VOCAB_FILE)
             return load_tokenizer(spec, path.parent)
 
-    return Towers(image, text, PreprocessSpec(size=engine_size), bare_tokenizer, engine_dim, path.stem)
+    spec = PreprocessSpec(size=engine_size)
+    return Towers(
+        image, text, spec, bare_tokenizer, engine_dim, path.stem, engine=engine, precision=precision
+    )
 
 
 def load_open_clip(
@@ -195,4 +202,5 @@ def load_open_clip(
         scale = float(net.logit_scale.exp()) if getattr(net, "logit_scale", None) is not None else None
         bias = float(net.logit_bias) if getattr(net, "logit_bias", None) is not None else None
     tokenizer = functools.partial(load_tokenizer, loaded.tokenizer)
-    return Towers(image, text, loaded.preprocess, tokenizer, embed_dim, model, scale, bias)
+    kinds = {"engine": "torch", "precision": precision}
+    return Towers(image, text, loaded.preprocess, tokenizer, embed_dim, model, scale, bias, **kinds)

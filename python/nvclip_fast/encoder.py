@@ -155,6 +155,16 @@ class Encoder:
         return self._towers.name
 
     @property
+    def engine(self) -> str:
+        """What runs the towers: ``"tensorrt"``, ``"onnxruntime"``, ``"torch"`` or ``"custom"``."""
+        return self._towers.engine
+
+    @property
+    def precision(self) -> str:
+        """The engines' arithmetic: ``"fp32"`` or ``"fp16"``."""
+        return self._towers.precision
+
+    @property
     def metadata(self) -> metadata.Metadata | None:
         """The bundle's sidecar (None without one, or for from_open_clip)."""
         return self._towers.meta
@@ -341,6 +351,6 @@ class Encoder:
 
     def __repr__(self) -> str:
         return (
-            f"Encoder({self.model!r}, dim={self.dim}, device={self.device!r}, max_batch={self.max_batch}, "
-            f"size={self.spec.size})"
+            f"Encoder({self.model!r}, dim={self.dim}, device={self.device!r}, engine={self.engine!r}, "
+            f"precision={self.precision!r}, max_batch={self.max_batch}, size={self.spec.size})"
         )
