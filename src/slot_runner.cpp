@@ -51,8 +51,10 @@ class HostSlotRunner final : public SlotRunner {
  private:
   void reserve(int64_t rows) {
     if (rows <= capacity_) return;
-    const auto allocate = [rows](const TensorSpec& spec) {
-      return HostBuffer(static_cast<size_t>(rows) * spec.row_bytes(), HostMemoryKind::kAligned);
+    const auto allocate = [rows](const TensorSpec& spec) {  // zeroed: rows of failed images stay finite
+      HostBuffer buffer(static_cast<size_t>(rows) * spec.row_bytes(), HostMemoryKind::kAligned);
+      std::memset(buffer.data(), 0, buffer.size());
+      return buffer;
     };
     inputs_.clear();
     outputs_.clear();

@@ -112,7 +112,10 @@ class CudaSlotRunner final : public SlotRunner {
     host_outputs_.clear();
     input_ptrs_.clear();
     output_ptrs_.clear();
-    for (const auto& spec : info().inputs) input_ptrs_.push_back(inputs_.emplace_back(bytes(spec)).data());
+    for (const auto& spec : info().inputs) {  // zeroed: rows of failed images stay finite
+      input_ptrs_.push_back(inputs_.emplace_back(bytes(spec)).data());
+      NVCLIP_CUDA_CHECK(cudaMemset(inputs_.back().data(), 0, inputs_.back().size()));
+    }
     for (size_t o = 0; o < info().outputs.size(); ++o) {
       const TensorSpec& spec = info().outputs[o];
       output_ptrs_.push_back(outputs_.emplace_back(bytes(spec)).data());
