@@ -56,7 +56,9 @@ class Provenance:
     apart when the weights are unknown (None otherwise). ``preprocess``: the preprocessing as a
     dict (``PreprocessSpec`` fields). ``precision``: the engine's arithmetic (``fp32``, ``fp16``,
     ``bf16``). ``dtype``: how the rows are stored (``float32``, ``float16``). ``normalized``: rows
-    are L2-normalized.
+    are L2-normalized. ``source``: how to open the same model again (not part of the identity):
+    ``{"bundle": "/abs/path/vith.json"}``, or ``{"model": "ViT-B-32", "pretrained": TAG}`` (or
+    ``"weights": PATH``, ``"random_weights": true``); None when unknown.
     """
 
     model: str
@@ -67,12 +69,15 @@ class Provenance:
     engine_sha256: str | None = None
     normalized: bool = True
     dtype: str = "float32"
+    source: Mapping[str, Any] | None = None
     version: str = field(default_factory=_package_version)
     created: str = field(default_factory=_utc_now)
 
     def __post_init__(self) -> None:
         # Tuples become lists, as they come back from JSON: equal values compare equal.
         object.__setattr__(self, "preprocess", json.loads(json.dumps(dict(self.preprocess))))
+        if self.source is not None:
+            object.__setattr__(self, "source", json.loads(json.dumps(dict(self.source))))
 
     def identity(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in IDENTITY_FIELDS}
