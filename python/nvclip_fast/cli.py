@@ -56,6 +56,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             text=args.text,
             verify=args.verify,
             timing_cache=args.timing_cache,
+            version_compatible=args.version_compatible,
         )
     except WeightsRequiredError as e:
         return fail(f"{e}. Refusing to export random embeddings by accident.", EXIT_USAGE)
@@ -113,6 +114,11 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
     p.add_argument(
         "--timing-cache", metavar="FILE", help="TensorRT timing cache, read if present and updated"
+    )
+    p.add_argument(
+        "--version-compatible",
+        action="store_true",
+        help="build plans that later TensorRT versions (same major) and the lean/dispatch runtimes run",
     )
     p.set_defaults(run=_cmd_export)
 
