@@ -146,8 +146,9 @@ class Encoder:
     def max_batch(self) -> int:
         return self._images.queue.max_batch
 
-    def stats(self) -> dict[str, int]:
-        """The queue's counters: batches run (and failed), images, requests, the largest batch, ..."""
+    def stats(self) -> dict[str, Any]:
+        """The queue's counters: batches run (and failed), images, requests, the largest batch,
+        ``batch_sizes`` ({batch size: batches run}), ``queued_images`` (accepted, not yet running)."""
         return dict(self._images.queue.stats())
 
     @property

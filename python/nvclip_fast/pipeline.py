@@ -36,9 +36,9 @@ DECODE_AHEAD_PER_THREAD = 4  # items decoded ahead per thread: the queue stays f
 # Decoded pixels held ahead of the queue per Encoder: six 12-megapixel photos as they decode
 # (Pillow's 4 bytes and the array's 3 per pixel), hundreds of 640 x 480 ones.
 DEFAULT_DECODE_AHEAD_MB = 512
-# Host staging ring: CPU engines need little (a batch of decoded images); CUDA engines keep
-# several batches in flight (streams x max_batch x image bytes, plus room to queue the next).
-DEFAULT_STAGING_MB = {"cpu": 64, "cuda": 256}
+# Host staging ring: CPU engines need little (a batch of decoded images); for CUDA engines 0 lets
+# the queue size it for (streams + 1) full batches of 640 x 480 photos (at least 256 MiB).
+DEFAULT_STAGING_MB = {"cpu": 64, "cuda": 0}
 # The bulk jobs keep this many batches of images queued ahead of the rows they hand back.
 BATCHES_IN_FLIGHT = 4
 
@@ -56,7 +56,8 @@ class ItemError(ValueError):
 class QueueOptions:
     """How an Encoder feeds its image engine (its constructors' keyword arguments): ``max_batch``
     images per batch (None: the engine's optimal batch), waiting ``max_delay_ms`` to fill; ``streams``
-    batches in flight; ``staging_mb`` of staging ring (None: 64 MiB for CPU engines, 256 for CUDA);
+    batches in flight; ``staging_mb`` of staging ring (None: 64 MiB for CPU engines; for CUDA
+    engines (streams + 1) full batches of 640 x 480 photos, at least 256 MiB);
     ``threads`` for decoding and preprocessing (and ONNX Runtime), None = every core;
     ``decode_ahead_mb`` of decoded pixels held ahead of the queue, all callers together."""
 
