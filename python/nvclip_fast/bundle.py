@@ -3,20 +3,23 @@
 ``vith.plan``, ``vith.onnx`` and ``vith.json`` name the same bundle. Its sidecar gives the
 preprocessing, tokenizer, logit scale and batch profile; without one (an engine from elsewhere) the
 input size comes from the engine, preprocessing is open_clip's default and text, if any, the CLIP
-BPE tokenizer, with a warning.
+BPE tokenizer, with a warning. On several devices (``devices``) the image tower is loaded once per
+device, the text tower on the first one only.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import _C, metadata, trt_library
 from ._C import EngineError
+from .devices import check_cuda, parse_devices, thread_shares
 from .metadata import PreprocessSpec
 from .tokenizer import CLIP_BPE_VOCAB_FILE, DEFAULT_CONTEXT_LENGTH, Tokenizer, load_tokenizer
 
@@ -26,7 +29,7 @@ class Towers:
     """What an Encoder runs: engines, preprocessing and tokenizer, from a bundle or a model. The
     text tower and tokenizer are made on first use (an image-only job never loads them)."""
 
-    image: _C.Engine
+    images: tuple[_C.Engine, ...]  # the image tower: one engine per device (replica)
     text: Callable[[], _C.Engine] | None
     spec: PreprocessSpec
     tokenizer: Callable[[], Tokenizer] | None
@@ -39,29 +42,11 @@ class Towers:
     precision: str = "fp32"  # the engines' arithmetic: "fp32" or "fp16"
 
 
-def parse_device(device: str) -> tuple[str, int]:
-    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` -> (kind, index); auto stays ``"auto"``."""
-    if device in ("auto", "cpu"):
-        return device, 0
-    kind, _, index = device.partition(":")
-    if kind == "cuda" and (index == "" or index.isdigit()):
-        return "cuda", int(index or 0)
-    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-
-
-def check_cuda(index: int) -> None:
-    count = _C.cuda_device_count()
-    if count == 0:
-        raise EngineError(
-            f"device 'cuda:{index}' requested but no CUDA device is usable: {_C.cuda_unavailable_reason()}"
-        )
-    if index >= count:
-        raise EngineError(f"device 'cuda:{index}' requested but only {count} CUDA device(s) are visible")
-
-
-def load_bundle(path: Path, device: str, threads: int | None) -> Towers:
-    """Engines + preprocessing + tokenizer from an exported bundle (plan, ONNX or sidecar path)."""
-    kind, index = parse_device(device)
+def load_bundle(path: Path, device: str | Sequence[str], threads: int | None) -> Towers:
+    """Engines + preprocessing + tokenizer from an exported bundle (plan, ONNX or sidecar path).
+    CPU replicas share ``threads`` (None: every core)."""
+    devices = parse_devices(device)
+    kind = devices.kind
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -84,7 +69,7 @@ def load_bundle(path: Path, device: str, threads: int | None) -> Towers:
         if kind == "cpu":
             raise ValueError(f"{path}: TensorRT plans run on CUDA devices; use the .onnx with device='cpu'")
 
-        def make(p: Path, tower: str) -> _C.Engine:
+        def make(p: Path, tower: str, index: int, threads: int | None) -> _C.Engine:
             return _C.TrtEngine(p, device=index, search_dirs=trt_library.search_dirs())
     else:
         if kind == "auto":
@@ -92,9 +77,10 @@ def load_bundle(path: Path, device: str, threads: int | None) -> Towers:
 
             kind = "cuda" if _C.cuda_device_count() > 0 and cuda_provider_available() else "cpu"
         if kind == "cuda":
-            check_cuda(index)
+            for index in devices.indices:
+                check_cuda(index)
 
-        def make(p: Path, tower: str) -> _C.Engine:
+        def make(p: Path, tower: str, index: int, threads: int | None) -> _C.Engine:
             from .engines import OnnxEngine
 
             batch = meta.towers[tower].batch if meta is not None and tower in meta.towers else None
@@ -102,7 +88,8 @@ def load_bundle(path: Path, device: str, threads: int | None) -> Towers:
                 p, device=kind, device_index=index, precision=precision, threads=threads, batch=batch
             )
 
-    image = make(path, "image")
+    shares = thread_shares(threads, len(devices))
+    images = tuple(make(path, "image", i, n) for i, n in zip(devices.indices, shares, strict=True))
     paths = metadata.bundle_paths(path)
     text_path: Path | None = (paths.plan if plan else paths.onnx)["text"]
     if meta is not None:
@@ -110,9 +97,14 @@ def load_bundle(path: Path, device: str, threads: int | None) -> Towers:
         text_file = None if text_tower is None else (text_tower.plan if plan else text_tower.onnx)
         text_path = meta.path(text_file) if text_file else None
     # Made on first use, once (the tokenizer of a bundle without sidecar reads its context length).
-    text = functools.cache(lambda: make(text_path, "text")) if text_path and text_path.is_file() else None
+    first = devices.indices[0]
+    text = (
+        functools.cache(lambda: make(text_path, "text", first, threads))
+        if text_path and text_path.is_file()
+        else None
+    )
 
-    engine_size, engine_dim = image.info.inputs[0].shape[-1], image.info.outputs[0].shape[1]
+    engine_size, engine_dim = images[0].info.inputs[0].shape[-1], images[0].info.outputs[0].shape[1]
     if meta is not None:
         if (meta.preprocess.size, meta.embed_dim) != (engine_size, engine_dim):
             raise EngineError(
@@ -126,7 +118,7 @@ def load_bundle(path: Path, device: str, threads: int | None) -> Towers:
         )
         scale, bias = meta.logit_scale, meta.logit_bias
         kinds = {"meta": meta, "engine": engine, "precision": precision}
-        return Towers(image, text, meta.preprocess, tokenizer, engine_dim, meta.model, scale, bias, **kinds)
+        return Towers(images, text, meta.preprocess, tokenizer, engine_dim, meta.model, scale, bias, **kinds)
 
     warnings.warn(
         f"{path}: no sidecar {sidecar.name}; preprocessing uses open_clip's defaults at {engine_size} px "
@@ -145,7 +137,7 @@ def load_bundle(path: Path, device: str, threads: int | None) -> Towers:
 
     spec = PreprocessSpec(size=engine_size)
     return Towers(
-        image, text, spec, bare_tokenizer, engine_dim, path.stem, engine=engine, precision=precision
+        images, text, spec, bare_tokenizer, engine_dim, path.stem, engine=engine, precision=precision
     )
 
 
@@ -156,7 +148,7 @@ def load_open_clip(
     pretrained: str | None,
     random_weights: bool,
     image_size: int | None,
-    device: str,
+    device: str | Sequence[str],
     precision: str,
     max_batch: int | None,
 ) -> Towers:
@@ -166,13 +158,15 @@ def load_open_clip(
     from . import models
     from .engines import TorchEngine
 
-    kind, index = parse_device(device)
+    devices = parse_devices(device)
+    kind = devices.kind
     if kind == "auto":
         kind = "cuda" if _C.cuda_device_count() > 0 and torch.cuda.is_available() else "cpu"
     if precision not in metadata.PRECISIONS:
         raise ValueError(f"precision must be one of {list(metadata.PRECISIONS)}, got {precision!r}")
     if kind == "cuda":
-        check_cuda(index)
+        for index in devices.indices:
+            check_cuda(index)
         if not torch.cuda.is_available():
             raise EngineError(
                 "device='cuda' needs a CUDA build of torch (torch.cuda.is_available() is False)"
@@ -180,27 +174,38 @@ def load_open_clip(
     loaded = models.load_model(
         model, weights=weights, pretrained=pretrained, random_weights=random_weights, image_size=image_size
     )
-    net = loaded.model_in(precision)
-    net = net.to(torch.device(kind, index) if kind == "cuda" else torch.device("cpu")).eval()
+    net = loaded.model_in(precision).eval()
     embed_dim = int(models.model_config(model)["embed_dim"])
     dtype = "float16" if precision == "fp16" else "float32"
     limit = max_batch or metadata.DEFAULT_MAX_BATCH
-    common = {
-        "embed_dim": embed_dim,
-        "device": kind,
-        "device_index": index,
-        "batch": metadata.BatchProfile(1, limit, limit),
-    }
-    image = TorchEngine(
-        net, "image", input_shape=(3, loaded.image_size, loaded.image_size), input_dtype=dtype, **common
-    )
+    # One copy of the model per CUDA device (copied while in host memory); CPU replicas share the
+    # one in host memory (PyTorch's CPU threads are the process's: replicas cannot split them).
+    first, *others = devices.indices
+    nets = {i: copy.deepcopy(net).to(torch.device(kind, i)) for i in others} if kind == "cuda" else {}
+    nets[first] = net.to(torch.device(kind, first)) if kind == "cuda" else net
+
+    def engine(tower: str, index: int, input_shape: tuple[int, ...], input_dtype: str) -> _C.Engine:
+        batch = metadata.BatchProfile(1, limit, limit)
+        return TorchEngine(
+            nets[index],
+            tower,
+            embed_dim=embed_dim,
+            input_shape=input_shape,
+            input_dtype=input_dtype,
+            device=kind,
+            device_index=index,
+            batch=batch,
+        )
+
+    size = loaded.image_size
+    images = tuple(engine("image", i, (3, size, size), dtype) for i in devices.indices)
 
     def text() -> _C.Engine:
-        return TorchEngine(net, "text", input_shape=(loaded.context_length,), input_dtype="int64", **common)
+        return engine("text", first, (loaded.context_length,), "int64")
 
     with torch.no_grad():
         scale = float(net.logit_scale.exp()) if getattr(net, "logit_scale", None) is not None else None
         bias = float(net.logit_bias) if getattr(net, "logit_bias", None) is not None else None
     tokenizer = functools.partial(load_tokenizer, loaded.tokenizer)
     kinds = {"engine": "torch", "precision": precision}
-    return Towers(image, text, loaded.preprocess, tokenizer, embed_dim, model, scale, bias, **kinds)
+    return Towers(images, text, loaded.preprocess, tokenizer, embed_dim, model, scale, bias, **kinds)

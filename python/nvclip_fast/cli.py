@@ -8,6 +8,7 @@ import shlex
 import sys
 
 from . import _C, __version__, build_info, metadata, server
+from .devices import DEVICE_HELP
 from .embed_files import CHECKPOINT_ROWS, DTYPES, classify_files, embed_files, write_predictions
 
 # Exit codes of `nvclip-fast export` (argparse itself exits 2 on malformed arguments).
@@ -204,7 +205,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-m", "--model", required=True, help="exported bundle: MODEL.plan, MODEL.onnx or MODEL.json"
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--batch", type=int, metavar="N", help="images per engine batch (default: the engine's)")
     p.add_argument("--workers", type=int, metavar="N", help="decoding threads (default: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line stays)")

@@ -3,8 +3,10 @@
 Images go through the image pipeline (``pipeline``) into the native ``BatchQueue``: every caller's
 images are copied into one staging ring, batched together (up to ``max_batch`` images or
 ``max_delay_ms``), preprocessed by ``resize_normalize`` straight into the engine's input and run on
-one of ``streams`` slots. Text is tokenized in Python (no torch needed) and run on the text tower
-synchronously.
+one of ``streams`` slots. On several devices (``device="cuda:0,1"``, ``"cuda:all"``, or CPU
+replicas ``["cpu", "cpu"]``) each device runs a replica of the image engine with its own slots
+behind the same queue: a batch goes to the first free slot of any device. Text is tokenized in
+Python (no torch needed) and run on the text tower (on the first device) synchronously.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from . import _C, metadata
 from ._C import EngineError
 from .bundle import Towers, load_bundle, load_open_clip
+from .devices import device_string
 from .images import as_image_list
 from .metadata import PreprocessSpec
 from .pipeline import ImagePipeline, Item, ItemError, Merge, QueueOptions, l2_normalize
@@ -55,9 +58,13 @@ class Encoder:
     images are batched together. The keyword ``options`` of every constructor are the queue settings
     (:class:`~nvclip_fast.pipeline.QueueOptions`: ``max_batch``, ``max_delay_ms``, ``streams``,
     ``staging_mb``, ``threads``, ``decode_ahead_mb``).
+
+    ``device``: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or several devices, one image engine
+    on each behind one queue: ``"cuda:0,1"``, ``["cuda:0", "cuda:1"]``, ``"cuda:all"``, or CPU
+    replicas that split ``threads`` between them (``["cpu", "cpu"]``, ``"cpu,cpu"``).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, device: str = "auto", **options: Any):
+    def __init__(self, path: str | os.PathLike[str], *, device: str | Sequence[str] = "auto", **options: Any):
         settings = QueueOptions(**options)
         self._start(load_bundle(Path(path), device, settings.threads), settings)
 
@@ -70,7 +77,7 @@ class Encoder:
         pretrained: str | None = None,
         random_weights: bool = False,
         image_size: int | None = None,
-        device: str = "auto",
+        device: str | Sequence[str] = "auto",
         precision: str = "fp32",
         **options: Any,
     ) -> Encoder:
@@ -92,7 +99,7 @@ class Encoder:
     @classmethod
     def from_engine(
         cls,
-        image: _C.Engine,
+        image: _C.Engine | Sequence[_C.Engine],
         spec: PreprocessSpec,
         *,
         text: _C.Engine | None = None,
@@ -103,11 +110,15 @@ class Encoder:
         **options: Any,
     ) -> Encoder:
         """An Encoder over engines of your own (``_C.Engine`` subclasses or ``_C.TrtEngine``): the
-        image engine takes ``[B, 3, S, S]`` (S = ``spec.size``) and returns ``[B, D]``; ``tokenizer``
-        makes the text engine's token ids (called once, on first use)."""
+        image engine takes ``[B, 3, S, S]`` (S = ``spec.size``) and returns ``[B, D]`` (a list of
+        such engines: one replica each, all on CPU or all on CUDA devices, behind one queue);
+        ``tokenizer`` makes the text engine's token ids (called once, on first use)."""
+        images = (image,) if isinstance(image, _C.Engine) else tuple(image)
+        if not images:
+            raise ValueError("from_engine needs at least one image engine")
         text_engine = (lambda: text) if text is not None else None
-        dim = image.info.outputs[0].shape[1]
-        towers = Towers(image, text_engine, spec, tokenizer, dim, name, logit_scale, logit_bias)
+        dim = images[0].info.outputs[0].shape[1]
+        towers = Towers(images, text_engine, spec, tokenizer, dim, name, logit_scale, logit_bias)
         return cls._over(towers, QueueOptions(**options))
 
     @classmethod
@@ -118,7 +129,7 @@ class Encoder:
 
     def _start(self, towers: Towers, options: QueueOptions) -> None:
         self._towers = towers
-        self._images = ImagePipeline(towers.image, towers.spec, options)
+        self._images = ImagePipeline(towers.images, towers.spec, options)
         self._text_lock = threading.Lock()
         self._text_engine: _C.Engine | None = None
         self._text_runner: _C.EngineRunner | None = None
@@ -139,8 +150,8 @@ class Encoder:
 
     @property
     def device(self) -> str:
-        info = self._towers.image.info
-        return "cpu" if info.device == "cpu" else f"cuda:{info.device_index}"
+        """Where the image engines run: ``"cpu"``, ``"cuda:0"``; several: ``"cuda:0,1"``, ``"cpu,cpu"``."""
+        return device_string(self._towers.images)
 
     @property
     def max_batch(self) -> int:
@@ -148,7 +159,8 @@ class Encoder:
 
     def stats(self) -> dict[str, Any]:
         """The queue's counters: batches run (and failed), images, requests, the largest batch,
-        ``batch_sizes`` ({batch size: batches run}), ``queued_images`` (accepted, not yet running)."""
+        ``batch_sizes`` ({batch size: batches run}), ``queued_images`` (accepted, not yet running),
+        ``replicas`` (per device: ``device``, ``batches``, ``failed_batches``, ``images``)."""
         return dict(self._images.queue.stats())
 
     @property

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import metadata
+from ..devices import DEVICE_HELP
 from .settings import (
     DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
@@ -149,7 +150,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)"
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--model-name", metavar="NAME", help="the name clients use (default: the model's)")
     p.add_argument(
         "--api-key",
