@@ -10,6 +10,7 @@ batch each deterministically where a test needs it: their engines' first calls m
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import io
 import os
 import threading
@@ -354,3 +355,50 @@ def test_cuda_all_matches_one_device(tiny, tmp_path):
     assert sum(r["images"] for r in replicas) == THREADS * CALLS * 8
     assert all(r["batches"] > 0 for r in replicas), replicas
     assert text.shape == (1, 32)
+
+
+@pytest.mark.gpu
+def test_two_cuda_replicas_of_a_python_engine(tiny):
+    # Runs on any GPU host: two PyTorch replicas (on the first and the last device, the same one
+    # where there is only one) behind one queue, each with its own CUDA stage and slot; their first
+    # calls meet, so both run batches. Rows equal a single replica's.
+    torch = pytest.importorskip("torch")
+    from nvclip_fast.engines import TorchEngine
+
+    model, onnx_path = tiny
+    spec = nf.PreprocessSpec(**metadata.load(onnx_path.with_suffix(".json")).preprocess.to_dict())
+    meeting = Meeting(2)
+
+    class MeetingTorchEngine(TorchEngine):
+        def __init__(self, device_index: int, replica: int):
+            net = copy.deepcopy(model).to(torch.device("cuda", device_index))
+            shape = (3, spec.size, spec.size)
+            super().__init__(
+                net,
+                "image",
+                embed_dim=32,
+                input_shape=shape,
+                input_dtype="float32",
+                device="cuda",
+                device_index=device_index,
+            )
+            self.replica = replica
+
+        def enqueue(self, batch, inputs, outputs, stream):
+            if self.replica is not None:
+                meeting.first_call(self.replica)
+            super().enqueue(batch, inputs, outputs, stream)
+
+    last = _C.cuda_device_count() - 1
+    rng = np.random.default_rng(12)
+    images = [rng.integers(0, 256, (30, 40, 3), dtype=np.uint8) for _ in range(200)]
+    with Encoder.from_engine(MeetingTorchEngine(0, None), spec, max_batch=8) as one:
+        want = one.embed(images)
+    replicas = [MeetingTorchEngine(0, 0), MeetingTorchEngine(last, 1)]
+    with Encoder.from_engine(replicas, spec, max_batch=8, streams=1) as two:
+        assert two.device == f"cuda:0,{last}"
+        got = two.embed(images)
+        stats = two.stats()
+    assert_rows_match(got, want, [False] * len(images), "two CUDA replicas")
+    assert [r["device"] for r in stats["replicas"]] == ["cuda:0", f"cuda:{last}"]
+    assert all(r["batches"] > 0 for r in stats["replicas"])
