@@ -206,8 +206,10 @@ BatchQueue::BatchQueue(std::vector<Replica> replicas, BatchQueueOptions options)
       max_batch_(checked_max_batch(replicas_, options_)),
       output_row_bytes_(output().row_bytes()),
       ring_(ring_bytes(options_, max_batch_, replicas_.size() * static_cast<size_t>(options_.streams))) {
-  // Device staging per slot: the ring's share, so each device holds as much as the host ring.
-  const size_t slot_staging = align_up(ring_.capacity() / static_cast<size_t>(options_.streams), kBufferAlignment);
+  // Device staging per slot: its share of the ring, so that the devices together hold as much as the
+  // host ring (and the default ring gives every slot a full batch of typical images).
+  const size_t slots = replicas_.size() * static_cast<size_t>(options_.streams);
+  const size_t slot_staging = align_up(ring_.capacity() / slots, kBufferAlignment);
   for (size_t r = 0; r < replicas_.size(); ++r) {
     const ReplicaState& replica = replicas_[r];
     SlotConfig slot;
@@ -453,16 +455,17 @@ void BatchQueue::worker_main(Slot& slot) {
       error = "cancelled: BatchQueue.close(cancel) ran before this image was processed";
     } else {
       // With several replicas the error says which one failed (a device of its own, usually).
-      const std::string failed = "batch of " + std::to_string(batch.size()) + " images failed" +
-                                 (replicas_.size() > 1 ? " on " + replica_name(slot.replica) : "") + ": ";
+      const auto failed = [&](const std::string& why) {
+        status = RequestStatus::kFailed;
+        error = "batch of " + std::to_string(batch.size()) + " images failed" +
+                (replicas_.size() > 1 ? " on " + replica_name(slot.replica) : "") + ": " + why;
+      };
       try {
         run_batch(slot, batch, views, item_errors);
       } catch (const std::exception& e) {
-        status = RequestStatus::kFailed;
-        error = failed + e.what();
+        failed(e.what());
       } catch (...) {
-        status = RequestStatus::kFailed;
-        error = failed + "unknown exception";
+        failed("unknown exception");
       }
     }
     finish_batch(batch, slot.replica, status, error, item_errors);

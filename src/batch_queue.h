@@ -59,8 +59,9 @@ using CompletionScope = std::function<void(const std::function<void()>& run_grou
 constexpr int64_t kMaxBatchLimit = 4096;  // beyond any engine profile seen; bounds slot buffers
 constexpr int32_t kMaxStreams = 16;
 constexpr size_t kMinStagingBytes = 4 * kBufferAlignment;
-// The default staging ring holds (streams + 1) full batches of typical photos (640x480 RGB): one
-// batch per slot in flight and the next filling; never less than kMinDefaultStagingBytes.
+// The default staging ring holds (slots + 1) full batches of typical photos (640x480 RGB): one
+// batch per slot (of every replica) in flight and the next filling; never less than
+// kMinDefaultStagingBytes.
 constexpr size_t kTypicalImageBytes = size_t{640} * 480 * 3;
 constexpr size_t kMinDefaultStagingBytes = size_t{256} << 20;
 constexpr std::chrono::microseconds kDefaultMaxDelay{2000};
@@ -77,10 +78,10 @@ struct BatchQueueOptions {
   int64_t max_batch = 0;
   std::chrono::microseconds max_delay = kDefaultMaxDelay;  // how long a batch waits to fill
   int32_t streams = kDefaultStreams;  // stream slots per replica = batches in flight on it = its worker threads
-  // Host staging ring, shared by the replicas; 0 = the default (see kTypicalImageBytes, with one batch
-  // per slot of every replica). CUDA engines also get staging_bytes / streams of device staging per
-  // slot, and a batch closes early rather than exceed that share: size it >= (streams + 1) x max_batch
-  // x typical image bytes so batches fill. An image larger than a slot's share runs alone with a
+  // Host staging ring, shared by the replicas; 0 = the default (see kTypicalImageBytes; slots = streams
+  // x replicas). CUDA engines also get staging_bytes / slots of device staging per slot, and a batch
+  // closes early rather than exceed that share: size it >= (slots + 1) x max_batch x typical image
+  // bytes so batches fill. An image larger than a slot's share runs alone with a
   // temporary device buffer; one larger than the ring gets a temporary host buffer (one such image at
   // a time).
   size_t staging_bytes = 0;

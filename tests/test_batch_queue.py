@@ -286,18 +286,21 @@ def test_failing_batch_fails_only_its_requests_and_the_queue_goes_on():
 
 
 def test_replicas_share_one_queue_and_a_batch_goes_to_a_free_one():
-    # Two replicas with one slot each: while replica 0's engine holds its first batch (gated), the
-    # next batch can only run on replica 1; then both serve, and every row reaches its caller.
-    gate = threading.Event()
-    engines = [MeanEngine(gate=gate), MeanEngine()]
+    # Two replicas with one slot each, their engines gated: while one replica holds the first batch,
+    # the next batch can only run on the other; then both serve, and every row reaches its caller.
+    gates = [threading.Event(), threading.Event()]
+    engines = [MeanEngine(gate=gate) for gate in gates]
     replicas = [(engine, make_stage()) for engine in engines]
     with _C.BatchQueue(replicas, max_batch=4, max_delay_ms=1.0, streams=1) as queue:
         assert queue.devices == ["cpu", "cpu"]
         first = queue.submit([image((1, k, 0)) for k in range(4)])  # a full batch: goes at once
-        engines[0].wait_calls(1)
+        assert eventually(lambda: any(e.calls for e in engines))
+        busy = 0 if engines[0].calls else 1
         second = queue.submit([image((2, k, 0)) for k in range(4)])
-        engines[1].wait_calls(1)  # replica 0 is still blocked: replica 1 took it
-        gate.set()
+        engines[1 - busy].wait_calls(1)  # the busy replica still holds the first batch
+        assert len(engines[busy].calls) == 1
+        for gate in gates:
+            gate.set()
         rest = [queue.submit([image((3, k, j)) for j in range(3)]) for k in range(20)]
         assert colours(first.result(timeout=WAIT_S)) == [(1, k, 0) for k in range(4)]
         assert colours(second.result(timeout=WAIT_S)) == [(2, k, 0) for k in range(4)]
