@@ -6,6 +6,7 @@
 #include <optional>
 #include <set>
 #include <stdexcept>
+#include <tuple>
 
 #include "errors.h"
 
@@ -400,8 +401,22 @@ void BatchQueue::fail_unstaged(const std::shared_ptr<Request>& request, int64_t 
 // ------------------------------------------------------------------------------------------------
 // Batch formation and execution (slot workers)
 
-bool BatchQueue::take_batch(Batch& batch, bool& cancelled) {
+size_t BatchQueue::preferred_replica() const {
+  size_t best = replicas_.size();
+  for (size_t r = 0; r < replicas_.size(); ++r) {
+    const ReplicaState& c = replicas_[r];
+    if (c.in_flight == options_.streams) continue;  // every slot busy
+    if (best == replicas_.size() || std::tie(c.in_flight, c.taken) < std::tie(replicas_[best].in_flight,
+                                                                               replicas_[best].taken)) {
+      best = r;
+    }
+  }
+  return best;
+}
+
+bool BatchQueue::take_batch(size_t replica, Batch& batch, bool& cancelled) {
   std::unique_lock<std::mutex> lock(mutex_);
+  ReplicaState& mine = replicas_[replica];
   for (;;) {
     if (pending_.empty() || !pending_.front()->filled) {
       if (pending_.empty() && closing_ && active_submits_ == 0) return false;
@@ -428,13 +443,26 @@ bool BatchQueue::take_batch(Batch& batch, bool& cancelled) {
       work_cv_.wait_until(lock, deadline);
       continue;
     }
+    if (replicas_.size() > 1 && preferred_replica() != replica) {
+      // A free slot of the preferred replica takes it: its worker waits here, or is on its way back
+      // from its last batch (and looks before it waits).
+      work_cv_.notify_all();
+      work_cv_.wait(lock);
+      continue;
+    }
+    ++mine.in_flight;
+    ++mine.taken;
     cancelled = cancelling_;
     batch.clear();
     for (int64_t k = 0; k < count; ++k) {
       batch.push_back(std::move(pending_.front()));
       pending_.pop_front();
     }
-    if (!pending_.empty()) work_cv_.notify_one();  // another idle slot may take the rest
+    if (replicas_.size() > 1) {
+      work_cv_.notify_all();  // the workers that left this batch to this replica, and the rest of pending_
+    } else if (!pending_.empty()) {
+      work_cv_.notify_one();  // another idle slot may take the rest
+    }
     return true;
   }
 }
@@ -446,7 +474,7 @@ void BatchQueue::worker_main(Slot& slot) {
   std::vector<std::string> item_errors;
   views.reserve(static_cast<size_t>(max_batch_));
   bool cancelled = false;
-  while (take_batch(batch, cancelled)) {
+  while (take_batch(slot.replica, batch, cancelled)) {
     item_errors.assign(batch.size(), std::string());
     RequestStatus status = RequestStatus::kOk;
     std::string error;
@@ -516,6 +544,7 @@ void BatchQueue::finish_batch(Batch& batch, size_t replica, RequestStatus status
   release_staging(batch);  // when the slot has not already
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    --replicas_[replica].in_flight;
     const auto n = static_cast<int64_t>(batch.size());
     if (status == RequestStatus::kCancelled) {
       stats_.cancelled_images += static_cast<uint64_t>(n);

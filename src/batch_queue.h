@@ -3,10 +3,11 @@
 //   submit(images) ── memcpy each image into a bounded staging ring (pinned host memory for CUDA
 //                     engines, aligned host memory for CPU engines; blocks while full = backpressure)
 //   slot workers   ── one thread per stream slot: `streams` slots per replica (an engine and the
-//                     preprocess stage that feeds it, on one device). Each idle worker takes the next
-//                     batch (<= max_batch images, or what arrived within max_delay of the oldest), so
-//                     a batch goes to whichever slot of any replica is free first, and runs it on its
-//                     SlotRunner: copy to the device -> PreprocessStage (writes the engine input) ->
+//                     preprocess stage that feeds it, on one device). The idle workers take the next
+//                     batch (<= max_batch images, or what arrived within max_delay of the oldest): a
+//                     free slot of the least loaded replica (fewest batches in flight, then fewest
+//                     taken), so an idle device gets a batch before a busy device's second slot, and
+//                     runs it on its SlotRunner: copy to the device -> PreprocessStage (writes the engine input) ->
 //                     Engine::enqueue -> copy back -> rows scattered to the requests. The batch's
 //                     staging is released as soon as it is uploaded (CUDA) or preprocessed (CPU).
 //                     While slot i's engine runs, slot i+1 copies and preprocesses the next batch.
@@ -159,6 +160,9 @@ class BatchQueue {
     Replica replica;
     size_t output_index = 0;  // the returned output among the engine's outputs
     OutputDType stage_dtype = OutputDType::kFloat32;
+    // Guarded by mutex_: where the next batch goes (preferred_replica).
+    int32_t in_flight = 0;  // its batches taken and not yet finished (its busy slots)
+    uint64_t taken = 0;     // batches it has taken
   };
   struct Slot {
     std::unique_ptr<SlotRunner> runner;
@@ -173,7 +177,10 @@ class BatchQueue {
 
   void worker_main(Slot& slot);
   void completion_main();
-  bool take_batch(Batch& batch, bool& cancelled);  // false: the worker should exit
+  bool take_batch(size_t replica, Batch& batch, bool& cancelled);  // false: the worker should exit
+  // The replica that gets the next batch: of those with a free slot, the one with the fewest batches
+  // in flight, then the fewest taken, then the lowest index. Needs mutex_.
+  size_t preferred_replica() const;
   void run_batch(Slot& slot, Batch& batch, std::vector<ImageView>& views, std::vector<std::string>& item_errors);
   void release_staging(Batch& batch);  // idempotent
   void finish_batch(Batch& batch, size_t replica, RequestStatus status, const std::string& error,

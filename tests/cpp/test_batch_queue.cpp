@@ -919,3 +919,42 @@ TEST_CASE("a_replica_that_cannot_attach_releases_the_others") {
   wait_resolved(*r);
   CHECK(row_is(*r, 0, 4, 5, 6));
 }
+
+TEST_CASE("an_idle_replica_gets_a_batch_before_a_busy_replicas_second_slot") {
+  // Two replicas with two slots each, batches of one image. The first batch goes to replica 0 (a tie:
+  // every slot is idle once the queue is made) and its engine holds it: every later batch goes to
+  // replica 1 (fewer batches in flight), never to replica 0's free second slot.
+  Replicas f(2, options(1, milliseconds(0), 2));
+  std::mutex mutex;
+  std::condition_variable cv;
+  bool entered = false, go = false;
+  f.engines[0]->set_hook([&](const EngineCall&, const float*) {
+    std::unique_lock<std::mutex> lock(mutex);
+    if (entered) return;  // a later batch on replica 0: counted by the CHECKs below, never held
+    entered = true;
+    cv.notify_all();
+    cv.wait_for(lock, kWaitLimit, [&] { return go; });
+  });
+  const Image first = uniform_image(3, 3, 7, 0, 0);
+  const std::vector<Image> later = red_ramp(10, 3, 100);
+  auto a = f.queue->submit(&first.view, 1);
+  {
+    std::unique_lock<std::mutex> lock(mutex);
+    REQUIRE(cv.wait_for(lock, kWaitLimit, [&] { return entered; }));
+  }
+  std::vector<std::shared_ptr<Request>> requests;
+  for (const auto& image : later) {
+    requests.push_back(f.queue->submit(&image.view, 1));
+    wait_resolved(*requests.back());  // replica 0 still holds its batch
+  }
+  CHECK_EQ(f.engines[0]->calls().size(), size_t{1});
+  CHECK_EQ(f.engines[1]->calls().size(), later.size());
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    go = true;
+  }
+  cv.notify_all();
+  wait_resolved(*a);
+  CHECK(row_is(*a, 0, 7, 0, 0));
+  for (size_t i = 0; i < requests.size(); ++i) CHECK(row_is(*requests[i], 0, 100 + int(i), 0, 0));
+}
