@@ -48,6 +48,33 @@ def tensorrt_skip_reason() -> str | None:
 VITS32_MAX_BATCH = 8
 
 
+@pytest.fixture
+def hf_hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache for one test (the machine's own is not seen)."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    hub = tmp_path / "hf-hub"
+    hub.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    return hub
+
+
+@pytest.fixture
+def bert_in_hf_cache(hf_hub_cache):
+    """A small stand-in for bert-base-uncased (NVCLIP's tokenizer) in this test's Hugging Face cache."""
+    pytest.importorskip("transformers", reason="Hugging Face tokenizers need transformers")
+    import tiny_models
+
+    return tiny_models.bert_tokenizer_in_hf_cache(hf_hub_cache)
+
+
+@pytest.fixture
+def bundle_cache(tmp_path, monkeypatch):
+    """An empty bundle cache for one test ($NVCLIP_FAST_CACHE)."""
+    root = tmp_path / "bundle-cache"
+    monkeypatch.setenv("NVCLIP_FAST_CACHE", str(root))
+    return root
+
+
 @pytest.fixture(scope="session")
 def vits32(tmp_path_factory):
     """ViT-S-32 with random weights saved by torch.save and exported once through the CLI (ONNX,
