@@ -27,6 +27,7 @@ onnx = pytest.importorskip("onnx")
 import fake_tensorrt  # noqa: E402
 import tiny_models  # noqa: E402
 from nvclip_fast import cli, exporter, metadata, models, trt_build  # noqa: E402
+from nvclip_fast.bundle import locate_bundle  # noqa: E402
 from nvclip_fast.tokenizer import load_tokenizer  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
@@ -397,6 +398,16 @@ def test_no_tensorrt_keeps_onnx_and_prints_trtexec(tmp_path):
     # Progress went to stderr with stages, times and sizes; stdout holds only the commands.
     assert "export image tower -> m.onnx" in proc.stderr
     assert "MiB m.onnx.data" in proc.stderr
+    # The next step: the ONNX towers here, or the plans built elsewhere.
+    assert f"nvclip-fast embed PHOTOS -m {out.with_suffix('')};" in proc.stderr
+    assert f"then: nvclip-fast embed PHOTOS -m {out}" in proc.stderr
+    # Naming the plan that was not built says what the bundle has and how to go on.
+    with pytest.raises(
+        FileNotFoundError, match=r"m\.plan: no such file\. Bundle m has no TensorRT plan"
+    ) as info:
+        locate_bundle(out)
+    assert f"-m {out.with_suffix('')} (the best engine on this machine)" in str(info.value)
+    assert shlex.join(commands[0]) in str(info.value)
 
 
 # --- TensorRT ---------------------------------------------------------------------------------------------

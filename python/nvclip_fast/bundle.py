@@ -13,6 +13,7 @@ BPE tokenizer, with a warning. Loading a bundle never goes to the network.
 from __future__ import annotations
 
 import functools
+import shlex
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -172,7 +173,7 @@ def _missing_engine_message(path: Path, files: BundleFiles) -> str:
             from .trt_build import engine_specs, trtexec_command
 
             specs = engine_specs(files.meta, metadata.bundle_paths(path))
-            commands = "\n".join("  " + " ".join(trtexec_command(s)) for s in specs.values())
+            commands = "\n".join("  " + shlex.join(trtexec_command(s)) for s in specs.values())
             message += f"; or build the plans where TensorRT runs, then use -m {path}:\n{commands}"
     elif path.suffix.lower() == metadata.ONNX_SUFFIX and files.plan is not None:
         message += (
