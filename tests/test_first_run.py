@@ -93,6 +93,20 @@ def test_from_pretrained_builds_once_then_loads_from_the_cache(in_shared_cache, 
     assert entry.path.stat().st_mtime_ns == built
 
 
+def test_a_cached_model_runs_without_torch(in_shared_cache):
+    """A model name already in the cache opens in a process that never imports torch or open_clip
+    (the CPU path needs numpy, Pillow and onnxruntime); the name need not even be registered."""
+    code = (
+        "import sys, warnings; warnings.simplefilter('ignore'); import nvclip_fast as nf\n"
+        "with nf.Encoder.from_pretrained('tiny-clip', random_weights=True, device='cpu') as enc:\n"
+        "    assert enc.embed_text(['a cat']).shape == (1, 32)\n"
+        "    assert enc.embed([b'not an image'], on_error='nan').shape == (1, 32)\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip'))\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_random_weights_are_seeded(in_shared_cache):
     """Two independent loads with random weights give the same model: the cached bundle (ONNX) and
     open_clip's model made again in PyTorch embed alike."""
@@ -257,6 +271,17 @@ def test_cache_list_and_clear(tmp_path, monkeypatch, capsys):
     assert cli.main(["cache", "clear"]) == cli.EXIT_OK
     assert cache.entries(tmp_path) == []
     assert not list(tmp_path.glob(".trash-*"))
+
+
+@pytest.mark.slow
+def test_export_warns_of_random_weights_once(tmp_path, capsys):
+    argv = ["export", MODEL, "--random-weights", "-o", str(tmp_path / "m.onnx"), "--max-batch", "4"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", metadata.RandomWeightsWarning)  # as outside pytest
+        assert cli.main(argv) == cli.EXIT_OK
+    err = capsys.readouterr().err
+    assert err.count("RANDOM") == 1, err
+    assert "nvclip-fast: warning: model 'tiny-clip' has RANDOM weights" in err
 
 
 # --- bundles by stem or any file --------------------------------------------------------------------
