@@ -8,6 +8,7 @@ import shlex
 import sys
 
 from . import _C, __version__, build_info, metadata
+from .collection_cli import add_collection_parsers
 from .embed_files import CHECKPOINT_ROWS, DTYPES, classify_files, embed_files, write_predictions
 
 # Exit codes of `nvclip-fast export` (argparse itself exits 2 on malformed arguments).
@@ -259,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_cmd_info)
     _add_export_parser(sub)
     _add_embed_parsers(sub)
+    add_collection_parsers(sub)
     return parser
 
 
