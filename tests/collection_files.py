@@ -23,7 +23,9 @@ def provenance(dim: int, model: str = "synthetic", **changes) -> Provenance:
     return base.replace(**changes)
 
 
-def unit_vectors(n: int, dim: int, seed: int = 0, clusters: int | None = None, spread: float = 0.5) -> np.ndarray:
+def unit_vectors(
+    n: int, dim: int, seed: int = 0, clusters: int | None = None, spread: float = 0.5
+) -> np.ndarray:
     """``n`` random unit vectors; with ``clusters``, scattered (``spread``) around that many random
     centres, as embeddings of a real collection are."""
     rng = np.random.default_rng(seed)
@@ -51,7 +53,12 @@ def write_parquet(
     n, dim = embeddings.shape
     value = pa.float16() if embeddings.dtype == np.float16 else pa.float32()
     schema = pa.schema(
-        [("path", pa.string()), ("embedding", pa.list_(value, dim)), ("width", pa.int32()), ("height", pa.int32())]
+        [
+            ("path", pa.string()),
+            ("embedding", pa.list_(value, dim)),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+        ]
     )
     if stored is not None:
         text = stored.to_json() if isinstance(stored, Provenance) else json.dumps(stored)
@@ -76,9 +83,13 @@ def write_npy(
     ``OUT.paths.txt`` only, as older versions wrote it."""
     np.save(path, embeddings)
     if legacy:
-        path.with_name(path.stem + LEGACY_PATHS_SUFFIX).write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+        path.with_name(path.stem + LEGACY_PATHS_SUFFIX).write_text(
+            "".join(f"{i}\n" for i in ids), encoding="utf-8"
+        )
         return path
-    path.with_name(path.name + IDS_SUFFIX).write_text("".join(json.dumps(i) + "\n" for i in ids), encoding="utf-8")
+    path.with_name(path.name + IDS_SUFFIX).write_text(
+        "".join(json.dumps(i) + "\n" for i in ids), encoding="utf-8"
+    )
     if stored is not None:
         path.with_name(path.name + PROVENANCE_SUFFIX).write_text(stored.to_json(), encoding="utf-8")
     return path

@@ -90,7 +90,9 @@ def tiny_clip_bundles(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny_clip")
     bundles = []
     for name, seed in (("a", 4), ("b", 5)):
-        checkpoint = tiny_models.save_checkpoint(tiny_models.random_model("tiny-clip", seed=seed), tmp / f"{name}.pt")
+        checkpoint = tiny_models.save_checkpoint(
+            tiny_models.random_model("tiny-clip", seed=seed), tmp / f"{name}.pt"
+        )
         nvclip_fast.export("tiny-clip", tmp / f"{name}.onnx", weights=checkpoint, max_batch=8, quiet=True)
         bundles.append(tmp / f"{name}.onnx")
     return tuple(bundles)

@@ -43,12 +43,16 @@ def _store(kind: str, tmp_path: Path, ids: list[str], x: np.ndarray) -> Path:
     if kind == "parquet":
         return cf.write_parquet(tmp_path / "c.parquet", ids, x, prov, row_group_size=50)
     if kind == "parquet-float16":
-        return cf.write_parquet(tmp_path / "c.parquet", ids, x.astype(np.float16), prov.replace(dtype="float16"))
+        return cf.write_parquet(
+            tmp_path / "c.parquet", ids, x.astype(np.float16), prov.replace(dtype="float16")
+        )
     if kind == "dataset":
         folder = tmp_path / "c"
         folder.mkdir()
         for part, start in enumerate(range(0, len(ids), 70)):
-            cf.write_parquet(folder / f"part-{part:03d}.parquet", ids[start : start + 70], x[start : start + 70], prov)
+            cf.write_parquet(
+                folder / f"part-{part:03d}.parquet", ids[start : start + 70], x[start : start + 70], prov
+            )
         return folder
     return cf.write_npy(tmp_path / "c.npy", ids, x, prov)
 
@@ -125,7 +129,9 @@ def test_parts_of_another_model_and_bad_files_are_refused(tmp_path):
     folder.mkdir()
     cf.write_parquet(folder / "0.parquet", ["a", "b"], x[:2], cf.provenance(DIM))
     cf.write_parquet(folder / "1.parquet", ["c", "d"], x[2:], cf.provenance(DIM, weights_sha256="b" * 64))
-    with pytest.raises(CollectionError, match="1.parquet holds embeddings of another model.*weights_sha256 differs"):
+    with pytest.raises(
+        CollectionError, match="1.parquet holds embeddings of another model.*weights_sha256 differs"
+    ):
         Collection.open(folder)
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(CollectionError, match="expected a .parquet file"):
@@ -208,7 +214,9 @@ def test_search_embeds_the_query_with_the_collections_model(tiny_clip_bundles, p
 def test_a_query_from_another_model_is_refused(tiny_clip_bundles, model_collection, capsys):
     _, bundle_b = tiny_clip_bundles
     with Collection.open(model_collection) as c, nf.Encoder(bundle_b, device="cpu") as enc_b:
-        with pytest.raises(ProvenanceError, match=r"query model tiny-clip is not the model of .*weights_sha256 differs"):
+        with pytest.raises(
+            ProvenanceError, match=r"query model tiny-clip is not the model of .*weights_sha256 differs"
+        ):
             c.search(text="a dog", encoder=enc_b)
     code = cli.main(["search", str(model_collection), "--text", "a dog", "-m", str(bundle_b)])
     assert code == cli.EXIT_USAGE

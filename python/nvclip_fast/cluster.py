@@ -2,8 +2,9 @@
 
 Spherical k-means (centroids renormalized after each iteration, so similarity is the cosine, as for
 the embeddings themselves) trained by FAISS on a uniform sample of at most
-:data:`SAMPLE_PER_CENTROID` rows per centroid; then every row is assigned to its most similar
-centroid, a chunk at a time. Written as ``OUT.parquet`` (``path``, ``row``, ``cluster``,
+:data:`SAMPLE_PER_CENTROID` rows per centroid, from k-means++ starts, the best of
+:data:`DEFAULT_RESTARTS` runs kept (random starts split or merge even well-separated clusters
+often); then every row is assigned to its most similar centroid, a chunk at a time. Written as ``OUT.parquet`` (``path``, ``row``, ``cluster``,
 ``similarity``) and ``OUT.centroids.npy`` (k, D) float32 beside it.
 """
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from .provenance import Provenance
 
 DEFAULT_ITERATIONS = 20
+DEFAULT_RESTARTS = 3
 SAMPLE_PER_CENTROID = 256  # FAISS's own default cap on training points per centroid
 CENTROIDS_SUFFIX = ".centroids.npy"  # OUT.centroids.npy beside OUT.parquet
 
@@ -72,21 +74,28 @@ class Clusters:
 
 
 def kmeans(
-    collection: Collection, k: int, *, iterations: int = DEFAULT_ITERATIONS, seed: int = 0
+    collection: Collection,
+    k: int,
+    *,
+    iterations: int = DEFAULT_ITERATIONS,
+    restarts: int = DEFAULT_RESTARTS,
+    seed: int = 0,
 ) -> Clusters:
     """Spherical k-means of ``collection`` into ``k`` clusters (see the module doc)."""
     faiss = _faiss()
     n = len(collection)
     if not 1 <= k <= n:
         raise ValueError(f"k must be between 1 and the {n} rows of {collection.path}, got {k}")
-    if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if iterations < 1 or restarts < 1:
+        raise ValueError(f"iterations and restarts must be >= 1, got {iterations} and {restarts}")
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(n, k * SAMPLE_PER_CENTROID), replace=False))
     trainer = faiss.Kmeans(
         collection.dim,
         k,
         niter=iterations,
+        nredo=restarts,
+        init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
         spherical=True,
         seed=seed,
         max_points_per_centroid=SAMPLE_PER_CENTROID,

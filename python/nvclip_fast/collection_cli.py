@@ -86,10 +86,7 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
             groups = collection.near_duplicates(args.threshold, neighbors=args.neighbors)
             groups.write(args.output, collection.provenance)
             if args.drop_list:
-                from .outputs import atomic_path
-
-                with atomic_path(args.drop_list) as tmp:
-                    tmp.write_text("".join(json.dumps(i) + "\n" for i in groups.drop), encoding="utf-8")
+                groups.write_drop_list(args.drop_list)
     except _USAGE_ERRORS as e:
         return _fail("dedup", e)
     print(f"{groups.summary()} -> {args.output}")

@@ -73,6 +73,13 @@ class DuplicateGroups:
             f"rows: keep {self.total_rows - dropped}, drop {dropped}"
         )
 
+    def write_drop_list(self, path: str | os.PathLike[str]) -> Path:
+        """The ids to drop, one JSON string per line (lossless whatever the file names), atomically."""
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(i) + "\n" for i in self.drop), encoding="utf-8")
+        return path
+
     def write(self, path: str | os.PathLike[str], provenance: Provenance | None = None) -> Path:
         """``path`` (Parquet, atomically): columns ``group``, ``path`` (the id), ``row``, ``keep``,
         ``similarity``, ``width``, ``height``; the threshold and the embeddings' provenance in the

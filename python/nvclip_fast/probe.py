@@ -1,8 +1,11 @@
 """Linear probes: a logistic-regression classifier over the embeddings of one model.
 
 ``LinearProbe.fit(embeddings, labels, provenance=...)`` trains scikit-learn's
-``LogisticRegression`` (multinomial, L-BFGS) and measures its accuracy on a stratified held-out
-share of the examples, then trains the probe it keeps on all of them. The probe is the weights of a
+``LogisticRegression`` (multinomial, L-BFGS) on standardized embeddings (each dimension scaled to
+unit variance: L2-normalized embeddings have components of about 1/sqrt(D), which the default
+regularization would otherwise flatten), measures its accuracy on a stratified held-out share of
+the examples, then trains the probe it keeps on all of them. The standardization is folded into
+the weights. The probe is the weights of a
 softmax over the classes (a binary problem stored as the equivalent two-class softmax), so
 predicting needs numpy only. Saved as ``.npz`` with the provenance of the embeddings it was trained
 on: embeddings of another model are refused at prediction time (naming the field that differs).
@@ -66,6 +69,8 @@ class LinearProbe:
         try:
             from sklearn.linear_model import LogisticRegression
             from sklearn.model_selection import train_test_split
+            from sklearn.pipeline import Pipeline, make_pipeline
+            from sklearn.preprocessing import StandardScaler
         except ImportError as e:
             raise ImportError("linear probes need scikit-learn: pip install 'nvclip-fast[probe]'") from e
         x = np.asarray(embeddings, dtype=np.float32)
@@ -82,8 +87,9 @@ class LinearProbe:
         if not 0.0 <= holdout < 1.0:
             raise ValueError(f"holdout is a share in [0, 1), got {holdout}")
 
-        def train(xs: np.ndarray, ys: np.ndarray) -> LogisticRegression:
-            return LogisticRegression(C=C, max_iter=MAX_ITERATIONS, random_state=seed).fit(xs, ys)
+        def train(xs: np.ndarray, ys: np.ndarray) -> Pipeline:
+            logistic = LogisticRegression(C=C, max_iter=MAX_ITERATIONS, random_state=seed)
+            return make_pipeline(StandardScaler(), logistic).fit(xs, ys)
 
         accuracy = None
         if holdout > 0:
@@ -98,13 +104,21 @@ class LinearProbe:
                 x, y, test_size=held, stratify=y, random_state=seed
             )
             accuracy = float(train(x_train, y_train).score(x_test, y_test))
-        model = train(x, y)
-        coef = np.asarray(model.coef_, np.float32)
-        intercept = np.asarray(model.intercept_, np.float32)
+        (_, scaler), (_, model) = train(x, y).steps
+        # ((x - mean) / scale) W^T + b  =  x (W / scale)^T + (b - (mean / scale) W^T)
+        coef = model.coef_ / scaler.scale_
+        intercept = model.intercept_ - coef @ scaler.mean_
         if len(model.classes_) == 2:  # sigmoid(z) is the softmax of (-z/2, z/2)
             coef = np.concatenate([-coef / 2, coef / 2])
             intercept = np.concatenate([-intercept / 2, intercept / 2])
-        return cls([str(c) for c in model.classes_], coef, intercept, provenance, accuracy, len(y))
+        return cls(
+            [str(c) for c in model.classes_],
+            coef.astype(np.float32),
+            intercept.astype(np.float32),
+            provenance,
+            accuracy,
+            len(y),
+        )
 
     def check(self, provenance: Provenance | None) -> None:
         """Refuse (``ProvenanceError``) embeddings of ``provenance`` unless they are of this probe's
