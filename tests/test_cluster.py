@@ -10,10 +10,11 @@ import pytest
 pytest.importorskip("pyarrow")
 pytest.importorskip("faiss")
 
-import collection_files as cf  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from nvclip_fast import cli  # noqa: E402
-from nvclip_fast.collection import Collection  # noqa: E402
+import pyarrow.parquet as pq
+
+import collection_files as cf
+from nvclip_fast import cli
+from nvclip_fast.collection import Collection
 
 DIM = 32
 CLUSTERS = 6

@@ -15,16 +15,16 @@ import pytest
 
 pytest.importorskip("pyarrow")
 
-import collection_files as cf  # noqa: E402
-import nvclip_fast as nf  # noqa: E402
-from nvclip_fast import cli  # noqa: E402
-from nvclip_fast.collection import (  # noqa: E402
+import collection_files as cf
+import nvclip_fast as nf
+from nvclip_fast import cli
+from nvclip_fast.collection import (
     Collection,
     CollectionError,
     encoder_provenance,
     read_item,
 )
-from nvclip_fast.provenance import ProvenanceError  # noqa: E402
+from nvclip_fast.provenance import ProvenanceError
 
 DIM = 24
 # Exact search computes the same float32 dot products as numpy, in BLAS blocks of another shape:
@@ -83,10 +83,12 @@ def test_chunks_and_gather_read_the_stored_rows(tmp_path):
     c = Collection.open(path, chunk_rows=32)
     starts = []
     for start, block in c.chunks():
-        assert len(block) <= 32 and block.dtype == np.float32
+        assert len(block) <= 32
+        assert block.dtype == np.float32
         np.testing.assert_array_equal(block, x[start : start + len(block)])
         starts.append(start)
-    assert starts[0] == 0 and sum(len(b) for b in c.embedding_chunks()) == 150
+    assert starts[0] == 0
+    assert sum(len(b) for b in c.embedding_chunks()) == 150
     rows = [149, 0, 77, 77, 31]
     np.testing.assert_array_equal(c.gather(rows), x[rows])
     assert c.ids() == ids
@@ -130,11 +132,11 @@ def test_parts_of_another_model_and_bad_files_are_refused(tmp_path):
     cf.write_parquet(folder / "0.parquet", ["a", "b"], x[:2], cf.provenance(DIM))
     cf.write_parquet(folder / "1.parquet", ["c", "d"], x[2:], cf.provenance(DIM, weights_sha256="b" * 64))
     with pytest.raises(
-        CollectionError, match="1.parquet holds embeddings of another model.*weights_sha256 differs"
+        CollectionError, match=r"1\.parquet holds embeddings of another model.*weights_sha256 differs"
     ):
         Collection.open(folder)
     (tmp_path / "x.txt").write_text("hello")
-    with pytest.raises(CollectionError, match="expected a .parquet file"):
+    with pytest.raises(CollectionError, match=r"expected a \.parquet file"):
         Collection.open(tmp_path / "x.txt")
     with pytest.raises(CollectionError, match="no such file"):
         Collection.open(tmp_path / "missing.parquet")
@@ -156,7 +158,7 @@ def test_read_item_reads_files_and_tar_members_and_nothing_else(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     assert read_item(str(tmp_path / "a.jpg")) == b"file bytes"
     assert read_item(f"{shard}::dir/k2.png") == b"member two"
-    with pytest.raises(FileNotFoundError, match="no member 'nope.jpg'"):
+    with pytest.raises(FileNotFoundError, match=r"no member 'nope\.jpg'"):
         read_item(f"{shard}::nope.jpg")
     with pytest.raises(OSError, match="over the limit of 4"):
         read_item(f"{shard}::k1.jpg", max_bytes=4)
@@ -213,11 +215,13 @@ def test_search_embeds_the_query_with_the_collections_model(tiny_clip_bundles, p
 
 def test_a_query_from_another_model_is_refused(tiny_clip_bundles, model_collection, capsys):
     _, bundle_b = tiny_clip_bundles
-    with Collection.open(model_collection) as c, nf.Encoder(bundle_b, device="cpu") as enc_b:
-        with pytest.raises(
-            ProvenanceError, match=r"query model tiny-clip is not the model of .*weights_sha256 differs"
-        ):
-            c.search(text="a dog", encoder=enc_b)
+    refused = r"query model tiny-clip is not the model of .*weights_sha256 differs"
+    with (
+        Collection.open(model_collection) as c,
+        nf.Encoder(bundle_b, device="cpu") as enc_b,
+        pytest.raises(ProvenanceError, match=refused),
+    ):
+        c.search(text="a dog", encoder=enc_b)
     code = cli.main(["search", str(model_collection), "--text", "a dog", "-m", str(bundle_b)])
     assert code == cli.EXIT_USAGE
     assert "weights_sha256 differs" in capsys.readouterr().err
@@ -232,7 +236,8 @@ def test_search_cli_prints_what_the_api_returns(model_collection, photo_files, c
     np.testing.assert_allclose([p["score"] for p in printed], [h.score for h in hits], atol=1e-6)
     assert cli.main(["search", str(model_collection), "--image", photo_files[0], "-k", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and lines[0].endswith("\t" + photo_files[0])
+    assert len(lines) == 2
+    assert lines[0].endswith("\t" + photo_files[0])
 
 
 def test_what_embed_writes_opens_as_a_collection(tiny_clip_bundles, photo_files, tmp_path):
@@ -245,6 +250,20 @@ def test_what_embed_writes_opens_as_a_collection(tiny_clip_bundles, photo_files,
     with c, nf.Encoder(bundle_a, device="cpu") as enc:
         assert c.ids() == photo_files
         widths, heights = c.sizes()
-        assert (widths > 0).all() and (heights > 0).all()
+        assert (widths > 0).all()
+        assert (heights > 0).all()
         hit = c.search(image=photo_files[4], k=1, encoder=enc)[0]
         assert hit.row == 4
+
+
+def test_search_cli_with_an_index_finds_what_exact_search_finds(model_collection, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    index = tmp_path / "photos.faiss"
+    assert cli.main(["index", str(model_collection), "-o", str(index)]) == 0
+    capsys.readouterr()
+
+    def search(*extra: str) -> list[str]:
+        assert cli.main(["search", str(model_collection), "--text", "a cat", "-k", "3", "--json", *extra]) == 0
+        return [hit["id"] for hit in json.loads(capsys.readouterr().out)]
+
+    assert search("--index", str(index)) == search()  # a collection this small gets a Flat index: exact

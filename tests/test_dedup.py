@@ -14,10 +14,11 @@ import pytest
 pytest.importorskip("pyarrow")
 pytest.importorskip("faiss")
 
-import collection_files as cf  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from nvclip_fast import cli, dedup  # noqa: E402
-from nvclip_fast.collection import Collection  # noqa: E402
+import pyarrow.parquet as pq
+
+import collection_files as cf
+from nvclip_fast import cli, dedup
+from nvclip_fast.collection import Collection
 
 DIM = 32
 # tiny-clip with random weights (test model A): copies of one photo score >= 0.998 (JPEG quality 40,
@@ -93,7 +94,8 @@ def test_a_group_larger_than_the_neighbours_searched_stays_one_group(tmp_path):
     path = cf.write_npy(tmp_path / "c.npy", [f"{i}" for i in range(len(rows))], rows, cf.provenance(DIM))
     with Collection.open(path, chunk_rows=16) as c:
         groups = c.near_duplicates(0.99, neighbors=4)
-    assert groups.groups == 1 and len(groups.rows) == 201
+    assert groups.groups == 1
+    assert len(groups.rows) == 201
     assert groups.rows[groups.keep].tolist() == [0]
 
 
@@ -142,6 +144,7 @@ def test_dedup_cli_writes_groups_and_the_drop_list(tmp_path, capsys):
     assert table.column("keep").to_pylist() == [True, False, True, False]
     assert table.column("group").to_pylist() == [0, 0, 1, 1]
     meta = json.loads(table.schema.metadata[b"nvclip_fast"])
-    assert meta["threshold"] == 0.95 and meta["provenance"]["model"] == "synthetic"
+    assert meta["threshold"] == 0.95
+    assert meta["provenance"]["model"] == "synthetic"
     assert [json.loads(line) for line in io.StringIO(drop.read_text())] == ["img21.jpg", "img0.jpg"]
     assert cli.main(["dedup", str(path), "--threshold", "2", "-o", str(out)]) == cli.EXIT_USAGE

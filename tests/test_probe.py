@@ -8,11 +8,11 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-import collection_files as cf  # noqa: E402
-import nvclip_fast as nf  # noqa: E402
-from nvclip_fast import cli  # noqa: E402
-from nvclip_fast.probe import LinearProbe  # noqa: E402
-from nvclip_fast.provenance import ProvenanceError  # noqa: E402
+import collection_files as cf
+import nvclip_fast as nf
+from nvclip_fast import cli
+from nvclip_fast.probe import LinearProbe
+from nvclip_fast.provenance import ProvenanceError
 
 DIM = 32
 
@@ -40,7 +40,9 @@ def test_a_probe_learns_separable_classes(tmp_path):
 
     probe.save(tmp_path / "probe.npz")
     loaded = LinearProbe.load(tmp_path / "probe.npz")
-    assert loaded.classes == probe.classes and loaded.provenance == prov and loaded.examples == 80
+    assert loaded.classes == probe.classes
+    assert loaded.provenance == prov
+    assert loaded.examples == 80
     np.testing.assert_array_equal(loaded.predict_proba(fresh, provenance=prov), probabilities)
 
 
@@ -119,7 +121,8 @@ def test_probe_train_cli_on_a_labelled_folder(tiny_clip_bundles, tmp_path, capsy
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "2 classes, 12 examples: held-out accuracy 1.000" in captured.out
-    assert "skipped " in captured.err and "broken.jpg" in captured.err
+    assert "skipped " in captured.err
+    assert "broken.jpg" in captured.err
     probe = LinearProbe.load(out)
     with nf.Encoder(bundle_b, device="cpu") as enc_b:
         from nvclip_fast.collection import encoder_provenance

@@ -11,10 +11,10 @@ import pytest
 pytest.importorskip("pyarrow")
 pytest.importorskip("faiss")
 
-import collection_files as cf  # noqa: E402
-from nvclip_fast import cli, search  # noqa: E402
-from nvclip_fast.collection import Collection  # noqa: E402
-from nvclip_fast.search import Index, index_factory, recall_at_k  # noqa: E402
+import collection_files as cf
+from nvclip_fast import cli, search
+from nvclip_fast.collection import Collection
+from nvclip_fast.search import Index, index_factory, recall_at_k
 
 DIM = 32
 
@@ -42,7 +42,8 @@ def test_a_flat_index_is_exact(tmp_path):
     with Collection.open(path) as c:
         index = Index.build(c)
         assert index.info.factory == "Flat"
-        assert index.info.recall_at_10 == 1.0 and index.info.nprobe is None
+        assert index.info.recall_at_10 == 1.0
+        assert index.info.nprobe is None
         queries = cf.unit_vectors(5, DIM, seed=9)
         scores, rows = c.search_vectors(queries, 10, index=index)
         np.testing.assert_array_equal(rows, _true_top(x, queries, 10))
@@ -74,7 +75,8 @@ def test_a_product_quantized_index_builds_and_measures_itself(tmp_path):
     assert 0.0 < index.info.recall_at_10 <= 1.0
     assert 1 <= index.info.nprobe <= 64
     rows = index.search(x[:3], 10)[1]
-    assert rows.shape == (3, 10) and (rows < 6000).all()
+    assert rows.shape == (3, 10)
+    assert (rows < 6000).all()
 
 
 def test_recall_leaves_out_the_query_row():
@@ -90,7 +92,8 @@ def test_an_index_is_saved_loaded_and_refuses_other_collections(tmp_path):
         loaded = Index.load(tmp_path / "c.faiss")
         np.testing.assert_array_equal(loaded.search(x[:2], 5)[1], c.search_vectors(x[:2], 5)[1])
     info = json.loads((tmp_path / "c.faiss.json").read_text())
-    assert info["rows"] == 300 and info["provenance"]["model"] == "synthetic"
+    assert info["rows"] == 300
+    assert info["provenance"]["model"] == "synthetic"
 
     other_rows, _ = _collection(tmp_path, 301, name="bigger.parquet")
     other_ids = cf.write_parquet(
@@ -108,8 +111,8 @@ def test_an_index_is_saved_loaded_and_refuses_other_collections(tmp_path):
         Index.load(tmp_path / "missing.faiss")
 
 
-def test_index_cli_prints_recall_and_search_uses_it(tmp_path, capsys):
-    path, x = _collection(tmp_path, 400)
+def test_index_cli_prints_the_recall_it_measured(tmp_path, capsys):
+    path, _x = _collection(tmp_path, 400)
     assert cli.main(["index", str(path), "-o", str(tmp_path / "i.faiss")]) == 0
     line = capsys.readouterr().out
     assert "Flat over 400 rows: recall@10 1.000 against exact search on 400 held-out queries" in line

@@ -4,8 +4,9 @@ Spherical k-means (centroids renormalized after each iteration, so similarity is
 the embeddings themselves) trained by FAISS on a uniform sample of at most
 :data:`SAMPLE_PER_CENTROID` rows per centroid, from k-means++ starts, the best of
 :data:`DEFAULT_RESTARTS` runs kept (random starts split or merge even well-separated clusters
-often); then every row is assigned to its most similar centroid, a chunk at a time. Written as ``OUT.parquet`` (``path``, ``row``, ``cluster``,
-``similarity``) and ``OUT.centroids.npy`` (k, D) float32 beside it.
+often); then every row is assigned to its most similar centroid, a chunk at a time. Written as
+``OUT.parquet`` (``path``, ``row``, ``cluster``, ``similarity``) and ``OUT.centroids.npy`` (k, D)
+float32 beside it.
 """
 
 from __future__ import annotations
