@@ -263,7 +263,9 @@ def test_search_cli_with_an_index_finds_what_exact_search_finds(model_collection
     capsys.readouterr()
 
     def search(*extra: str) -> list[str]:
-        assert cli.main(["search", str(model_collection), "--text", "a cat", "-k", "3", "--json", *extra]) == 0
+        assert (
+            cli.main(["search", str(model_collection), "--text", "a cat", "-k", "3", "--json", *extra]) == 0
+        )
         return [hit["id"] for hit in json.loads(capsys.readouterr().out)]
 
     assert search("--index", str(index)) == search()  # a collection this small gets a Flat index: exact

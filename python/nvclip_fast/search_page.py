@@ -24,14 +24,20 @@ import functools
 import io
 import re
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
+
+try:
+    from fastapi import APIRouter, HTTPException, Request, Response
+    from fastapi.responses import HTMLResponse
+    from pydantic import BaseModel, Field
+except ImportError as e:
+    raise ImportError("the search page needs FastAPI: pip install 'nvclip-fast[serve]'") from e
+from PIL import Image
 
 from .collection import Collection, encoder_provenance, read_item
 from .encoder import ItemError
 
 if TYPE_CHECKING:
-    from fastapi import APIRouter
-
     from .encoder import Encoder
     from .search import Index
 
@@ -46,6 +52,27 @@ DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,(?P<payload>.*)", re.D
 PAGE = "search.html"
 
 
+class SearchRequest(BaseModel):
+    """A query: ``text`` or ``image`` (a ``data:image/<type>;base64,...`` URL), and ``k``."""
+
+    text: str | None = Field(None, description="a text query")
+    image: str | None = Field(None, description="an image query: a data:image/<type>;base64,... URL")
+    k: int = Field(DEFAULT_K, ge=1, description="results")
+
+
+class SearchHit(BaseModel):
+    id: str
+    row: int
+    score: float
+    thumbnail: str
+
+
+class SearchResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[SearchHit]
+
+
 def search_router(
     collection: Collection,
     encoder: Encoder,
@@ -58,35 +85,11 @@ def search_router(
     """The routes above over ``collection``, whose queries ``encoder`` embeds (refused with
     ``ProvenanceError`` when it is not the collection's model); ``index``: search it instead of
     every row (it must have been built for ``collection``)."""
-    try:
-        from fastapi import APIRouter, HTTPException, Request, Response
-        from fastapi.responses import HTMLResponse
-        from PIL import Image
-        from pydantic import BaseModel, Field
-    except ImportError as e:
-        raise ImportError("the search page needs FastAPI: pip install 'nvclip-fast[serve]'") from e
-
     collection.check_model(encoder_provenance(encoder))
     if index is not None:
         index.check(collection)
     model = encoder.model
     page = resources.files(__package__).joinpath("static", PAGE).read_text(encoding="utf-8")
-
-    class SearchRequest(BaseModel):
-        text: str | None = Field(None, description="a text query")
-        image: str | None = Field(None, description="an image query: a data:image/...;base64,... URL")
-        k: int = Field(DEFAULT_K, ge=1, le=max_k, description="results")
-
-    class SearchHit(BaseModel):
-        id: str
-        row: int
-        score: float
-        thumbnail: str
-
-    class SearchResponse(BaseModel):
-        object: Literal["list"] = "list"
-        model: str
-        data: list[SearchHit]
 
     router = APIRouter()
 
@@ -98,7 +101,9 @@ def search_router(
     def search(body: SearchRequest, request: Request) -> SearchResponse:
         if (body.text is None) == (body.image is None):
             raise HTTPException(422, "give exactly one of text or image")
-        image = None if body.image is None else _decode_data_url(body.image, max_image_bytes, HTTPException)
+        if body.k > max_k:
+            raise HTTPException(422, f"k: at most {max_k}, got {body.k}")
+        image = None if body.image is None else _decode_data_url(body.image, max_image_bytes)
         try:
             hits = collection.search(text=body.text, image=image, k=body.k, encoder=encoder, index=index)
         except ItemError as e:
@@ -130,22 +135,22 @@ def search_router(
     return router
 
 
-def _decode_data_url(url: str, max_bytes: int, http_error: Any) -> bytes:
+def _decode_data_url(url: str, max_bytes: int) -> bytes:
     match = DATA_URL.fullmatch(url)
     if match is None:
-        raise http_error(422, "image: expected a data:image/<type>;base64,<data> URL")
+        raise HTTPException(422, "image: expected a data:image/<type>;base64,<data> URL")
     payload = match["payload"]
     if len(payload) * 3 // 4 > max_bytes:
-        raise http_error(413, f"image: over the limit of {max_bytes} bytes")
+        raise HTTPException(413, f"image: over the limit of {max_bytes} bytes")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise http_error(422, f"image: not valid base64: {e}") from e
+        raise HTTPException(422, f"image: not valid base64: {e}") from e
 
 
 def _thumbnail(data: bytes, px: int) -> bytes:
     """A JPEG of the image ``data`` at most ``px`` on a side (Pillow's decompression-bomb limit kept)."""
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
     with Image.open(io.BytesIO(data)) as image:
         image.draft("RGB", (px, px))  # JPEG: decode at a reduced scale directly
