@@ -143,6 +143,20 @@ def test_another_model_is_refused_when_the_router_is_made(tiny_clip_bundles, ser
         search_router(collection, enc_b)
 
 
+def test_an_encoder_the_server_gives_per_request_is_checked(tiny_clip_bundles, served):
+    collection, enc, _ = served
+    with nf.Encoder(tiny_clip_bundles[1], device="cpu") as enc_b:
+        serving = {"encoder": enc}  # what a server that loads its model later hands out
+        app = FastAPI()
+        app.include_router(search_router(collection, lambda request: serving["encoder"]))
+        client = TestClient(app)
+        assert client.post("/v1/search", json={"text": "a cat"}).status_code == 200
+        serving["encoder"] = enc_b
+        response = client.post("/v1/search", json={"text": "a cat"})
+        assert response.status_code == 500
+        assert "weights_sha256 differs" in response.json()["detail"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # The page in a real browser
 

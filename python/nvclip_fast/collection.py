@@ -562,15 +562,18 @@ class Collection:
         return self._use_index(index).search(queries, k)
 
     def _use_index(self, index: Index | str | os.PathLike[str]) -> Index:
+        """``index`` (or the index at that path, loaded once), checked once against this collection."""
         from .search import Index
 
-        if not isinstance(index, Index):
-            if self._index is not None and self._index.path == Path(index):
-                return self._index
-            index = Index.load(index)
-            self._index = index
-        index.check(self)
-        return index
+        if isinstance(index, Index):
+            if index is not self._index:
+                index.check(self)
+                self._index = index
+        elif self._index is None or self._index.path != Path(index):
+            loaded = Index.load(index)
+            loaded.check(self)
+            self._index = loaded
+        return self._index
 
     def near_duplicates(self, threshold: float = 0.95, **options: Any) -> DuplicateGroups:
         """Groups of near-duplicate rows (see :func:`nvclip_fast.dedup.near_duplicates`)."""

@@ -1,8 +1,9 @@
 """The search page of a collection: ``POST /v1/search``, thumbnails, and one static page at ``/``.
 
 :func:`search_router` makes a FastAPI ``APIRouter`` over one :class:`~nvclip_fast.collection.Collection`
-and the :class:`~nvclip_fast.encoder.Encoder` of its model (checked at once: another model is
-refused), to be included in an app (``app.include_router(search_router(collection, encoder))``):
+and the :class:`~nvclip_fast.encoder.Encoder` of its model (or a function of the request that
+returns it, for a server that loads its model after it starts; another model is refused), to be
+included in an app (``app.include_router(search_router(collection, encoder))``):
 
 - ``POST /v1/search``: ``{"text": "a dog"}`` or ``{"image": "data:image/jpeg;base64,..."}``, and
   ``"k"`` (1 to ``max_k``, default 10) -> ``{"object": "list", "model": ..., "data": [{"id", "row",
@@ -23,6 +24,7 @@ import binascii
 import functools
 import io
 import re
+from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Literal
 
@@ -36,6 +38,7 @@ from PIL import Image
 
 from .collection import Collection, encoder_provenance, read_item
 from .encoder import ItemError
+from .provenance import ProvenanceError
 
 if TYPE_CHECKING:
     from .encoder import Encoder
@@ -75,20 +78,35 @@ class SearchResponse(BaseModel):
 
 def search_router(
     collection: Collection,
-    encoder: Encoder,
+    encoder: Encoder | Callable[[Request], Encoder],
     *,
     index: Index | None = None,
     max_k: int = MAX_K,
     max_image_bytes: int = MAX_IMAGE_BYTES,
     thumbnail_px: int = THUMBNAIL_PX,
 ) -> APIRouter:
-    """The routes above over ``collection``, whose queries ``encoder`` embeds (refused with
-    ``ProvenanceError`` when it is not the collection's model); ``index``: search it instead of
-    every row (it must have been built for ``collection``)."""
-    collection.check_model(encoder_provenance(encoder))
+    """The routes above over ``collection``, whose queries ``encoder`` embeds: an Encoder (refused
+    here with ``ProvenanceError`` when it is not the collection's model), or a function of the
+    request that returns one when asked (a server that loads its model after it starts; a model
+    that is not the collection's then fails each search with 500 and the reason). ``index``:
+    search it instead of every row (it must have been built for ``collection``)."""
+    checked: set[int] = set()  # ids of the Encoders found to be the collection's model
+
+    def query_encoder(request: Request) -> Encoder:
+        given = encoder(request) if callable(encoder) else encoder
+        if id(given) not in checked:
+            try:
+                collection.check_model(encoder_provenance(given))
+            except ProvenanceError as e:
+                raise HTTPException(500, f"this server's model cannot search {collection.path}: {e}") from e
+            checked.add(id(given))
+        return given
+
+    if not callable(encoder):
+        collection.check_model(encoder_provenance(encoder))
+        checked.add(id(encoder))
     if index is not None:
         index.check(collection)
-    model = encoder.model
     page = resources.files(__package__).joinpath("static", PAGE).read_text(encoding="utf-8")
 
     router = APIRouter()
@@ -99,17 +117,18 @@ def search_router(
 
     @router.post("/v1/search", response_model=SearchResponse)
     def search(body: SearchRequest, request: Request) -> SearchResponse:
+        model = query_encoder(request)
         if (body.text is None) == (body.image is None):
             raise HTTPException(422, "give exactly one of text or image")
         if body.k > max_k:
             raise HTTPException(422, f"k: at most {max_k}, got {body.k}")
         image = None if body.image is None else _decode_data_url(body.image, max_image_bytes)
         try:
-            hits = collection.search(text=body.text, image=image, k=body.k, encoder=encoder, index=index)
+            hits = collection.search(text=body.text, image=image, k=body.k, encoder=model, index=index)
         except ItemError as e:
             raise HTTPException(422, f"image: {e.reason}") from e
         return SearchResponse(
-            model=model,
+            model=model.model,
             data=[
                 SearchHit(
                     id=h.id, row=h.row, score=h.score, thumbnail=str(request.url_for("thumbnail", row=h.row))
