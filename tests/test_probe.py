@@ -3,6 +3,9 @@ embeddings of another model are refused."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -129,3 +132,24 @@ def test_probe_train_cli_on_a_labelled_folder(tiny_clip_bundles, tmp_path, capsy
 
         with pytest.raises(ProvenanceError, match="weights_sha256 differs"):
             probe.predict(enc_b.embed([photos["rocket"]]), provenance=encoder_provenance(enc_b))
+
+    # classify --probe: the few-shot path beside zero-shot
+    predictions = tmp_path / "predictions.jsonl"
+    labelled = tmp_path / "labelled"
+    classify = ["classify", str(labelled), "--probe", str(out), "--top-k", "2", "--no-progress"]
+    assert (
+        cli.main([*classify, "-m", str(bundle_a), "-o", str(predictions)]) == cli.EXIT_SOME_FAILED
+    )  # broken.jpg
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(rows) == 13
+    for row in rows:
+        if row["path"].endswith("broken.jpg"):
+            assert row["error"]
+            continue
+        folder = Path(row["path"]).parent.name
+        assert row["labels"][0] == folder  # the images the probe was trained on
+        assert sorted(row["labels"]) == ["astronaut", "rocket"]
+        assert sum(row["probs"]) == pytest.approx(1.0, abs=1e-5)
+    capsys.readouterr()
+    assert cli.main([*classify, "-m", str(bundle_b)]) == cli.EXIT_USAGE
+    assert "weights_sha256 differs" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import sys
 from . import _C, __version__, build_info, metadata
 from .collection_cli import add_collection_parsers
 from .embed_files import CHECKPOINT_ROWS, DTYPES, classify_files, embed_files, write_predictions
+from .probe import LinearProbe
 
 # Exit codes of `nvclip-fast export` (argparse itself exits 2 on malformed arguments).
 EXIT_OK = 0
@@ -163,7 +164,7 @@ def _labels(text: str) -> list[str]:
 
 def _cmd_classify(args: argparse.Namespace) -> int:
     try:
-        labels = _labels(args.labels)
+        labels = _labels(args.labels) if args.labels else None
         predictions, summary = classify_files(
             args.inputs,
             args.model,
@@ -174,6 +175,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
             batch=args.batch,
             workers=args.workers,
             progress=False if args.no_progress else None,
+            probe=LinearProbe.load(args.probe) if args.probe else None,
         )
         if args.output:
             write_predictions(args.output, predictions)
@@ -240,7 +242,13 @@ def _add_embed_parsers(sub: argparse._SubParsersAction) -> None:
         "averaged and renormalized; probabilities are the softmax of logit_scale x cosine.",
     )
     _add_job_options(c)
-    c.add_argument("--labels", required=True, help='comma-separated labels ("cat,dog,car") or @labels.txt')
+    classes = c.add_mutually_exclusive_group(required=True)
+    classes.add_argument("--labels", help='comma-separated labels ("cat,dog,car") or @labels.txt')
+    classes.add_argument(
+        "--probe",
+        metavar="PROBE",
+        help="a linear probe (nvclip-fast probe train) instead of zero-shot labels",
+    )
     c.add_argument(
         "--template",
         action="append",

@@ -61,6 +61,8 @@ NO_SIZE = -1  # width/height when unknown
 # Fields of the metadata that older outputs stored in place of a provenance, compared where present.
 LEGACY_FIELDS = ("model", "embed_dim", "preprocess")
 TAR_LISTINGS_CACHED = 8  # tar shards whose member tables read_item keeps
+# .npy header readers by format version (numpy writes 1.0, or 2.0 for headers over 64 KiB).
+NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 class CollectionError(ValueError):
@@ -251,18 +253,28 @@ class _ParquetPart(_Part):
 
 
 class _NpyPart(_Part):
+    """An ``.npy`` read a chunk at a time with plain reads (not a memory map, whose pages would
+    stay in the process's memory after each pass)."""
+
     def __init__(self, path: Path):
         self.path = path
         try:
-            self._array = np.load(path, mmap_mode="r", allow_pickle=False)
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                if version not in NPY_HEADERS:
+                    raise ValueError(f".npy format version {version}")
+                shape, fortran, dtype = NPY_HEADERS[version](f)
+                self._offset = f.tell()
         except (OSError, ValueError) as e:
             raise CollectionError(f"{path}: not a readable .npy file: {e}") from e
-        if self._array.ndim != 2 or self._array.dtype.kind != "f":
+        if len(shape) != 2 or dtype.kind != "f" or fortran:
+            order = "Fortran-ordered " if fortran else ""
             raise CollectionError(
-                f"{path}: expected an (N, D) float array, got {self._array.shape} {self._array.dtype}"
+                f"{path}: expected an (N, D) C-ordered float array, got {order}{shape} {dtype}"
             )
-        self.rows, self.dim = self._array.shape
-        self.dtype = str(self._array.dtype)
+        self.rows, self.dim = shape
+        self._dtype = dtype
+        self.dtype = str(dtype)
         self._ids_path = path.with_name(path.name + IDS_SUFFIX)
         self._legacy_ids = path.with_name(path.stem + LEGACY_PATHS_SUFFIX)
         if not self._ids_path.is_file() and not self._legacy_ids.is_file():
@@ -271,8 +283,14 @@ class _NpyPart(_Part):
         self.stored = _json_object(sidecar.read_bytes(), sidecar) if sidecar.is_file() else None
 
     def embeddings(self, chunk_rows: int) -> Iterator[np.ndarray]:
-        for start in range(0, self.rows, chunk_rows):
-            yield self._array[start : start + chunk_rows]
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            for start in range(0, self.rows, chunk_rows):
+                n = min(chunk_rows, self.rows - start)
+                block = np.fromfile(f, dtype=self._dtype, count=n * self.dim)
+                if block.size != n * self.dim:
+                    raise CollectionError(f"{self.path}: truncated at row {start + block.size // self.dim}")
+                yield block.reshape(n, self.dim)
 
     def ids(self) -> list[str]:
         if self._ids_path.is_file():

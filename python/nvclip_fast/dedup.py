@@ -37,7 +37,9 @@ DEFAULT_NEIGHBORS = 32  # links looked for per row: a group larger than this is 
 # The same image embedded twice differs by float rounding only (cosine above 1 - 1e-6 with ONNX
 # Runtime across batch sizes): such rows are duplicates whatever the threshold.
 EXACT_COSINE = 1.0 - 1e-5
-DEDUP_NPROBE = 8
+# Inverted lists probed per row. Measured on 100,000 clustered synthetic rows with 1,000 planted pairs
+# of cosine 0.945 to 0.999: 99.7% of the pairs found probing 1 list, all of them probing 2 or more.
+DEDUP_NPROBE = 4
 _HASH_SEED = 0x5EED
 
 

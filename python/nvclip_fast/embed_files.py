@@ -20,10 +20,11 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
+from .collection import encoder_provenance
 from .encoder import Encoder, l2_normalize, top_labels
 from .images import DECODE_AHEAD_PER_THREAD, Sized, decode_image_sized, ordered_map
 from .outputs import (
@@ -39,6 +40,9 @@ from .outputs import (
 )
 from .preprocess import PreprocessSpec
 from .sources import Source, iter_sources
+
+if TYPE_CHECKING:
+    from .probe import LinearProbe
 
 DTYPES = ("float32", "float16")
 # Batches in flight in the queue: enough to keep the engine busy while the decoders catch up.
@@ -418,7 +422,7 @@ class Prediction:
 def classify_files(
     inputs: Iterable[str | os.PathLike[str]],
     model: str | os.PathLike[str] | Encoder,
-    labels: Sequence[str],
+    labels: Sequence[str] | None,
     *,
     templates: Sequence[str] | None = None,
     top_k: int = 5,
@@ -426,8 +430,11 @@ def classify_files(
     batch: int | None = None,
     workers: int | None = None,
     progress: bool | None = None,
+    probe: LinearProbe | None = None,
 ) -> tuple[list[Prediction], Summary]:
-    """Zero-shot top-k labels for every image named by ``inputs`` (see :meth:`Encoder.classify`)."""
+    """Zero-shot top-k labels for every image named by ``inputs`` (see :meth:`Encoder.classify`);
+    with ``probe`` (and ``labels`` None), the probe's classes and probabilities instead (a probe
+    trained on another model's embeddings is refused)."""
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     start = time.monotonic()
@@ -435,14 +442,20 @@ def classify_files(
     encoder, owned = _open_encoder(model, device, batch)
     predictions = []
     try:
-        text = encoder.label_embeddings(labels, templates)
+        if probe is None:
+            text = encoder.label_embeddings(labels, templates)
+            probabilities = lambda row: encoder.label_probabilities(row[None, :], text)[0]  # noqa: E731
+        else:
+            labels, made_by = probe.classes, encoder_provenance(encoder)
+            probe.check(made_by)
+            probabilities = lambda row: probe.predict_proba(row, provenance=made_by)[0]  # noqa: E731
         bar = Progress(len(sources), progress)
         items = embedded_items(encoder, sources, workers=_workers(workers), batch=batch or encoder.max_batch)
         for item in items:
             if item.row is None:
                 predictions.append(Prediction(item.id, [], [], item.error))
             else:
-                ranked = top_labels(encoder.label_probabilities(item.row[None, :], text)[0], labels, top_k)
+                ranked = top_labels(probabilities(item.row), labels, top_k)
                 predictions.append(
                     Prediction(item.id, [label for label, _ in ranked], [p for _, p in ranked])
                 )
