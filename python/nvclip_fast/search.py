@@ -213,6 +213,11 @@ class Index:
             index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
             raise ValueError(f"FAISS index {factory!r}: {e}") from e
+        ivf = _ivf(index)
+        if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
+            # Polysemous training serves only Hamming-filtered search, not used here, and is slow (16 s
+            # instead of 1 s to train on 3,000 32-d rows, measured on 1 core).
+            faiss.downcast_index(ivf).do_polysemous_training = False
         rng = np.random.default_rng(seed)
         held_out = np.sort(rng.choice(n, size=min(recall_queries, n), replace=False))
         if not index.is_trained:
