@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import mmap
 import os
 import stat
 import tarfile
@@ -253,8 +254,9 @@ class _ParquetPart(_Part):
 
 
 class _NpyPart(_Part):
-    """An ``.npy`` read a chunk at a time with plain reads (not a memory map, whose pages would
-    stay in the process's memory after each pass)."""
+    """An ``.npy`` read through a read-only memory map, a chunk at a time; each chunk's pages are
+    released from the process once the next chunk is asked for (they stay in the page cache), so
+    a pass over the file does not leave the whole file in the process's memory."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -265,6 +267,7 @@ class _NpyPart(_Part):
                     raise ValueError(f".npy format version {version}")
                 shape, fortran, dtype = NPY_HEADERS[version](f)
                 self._offset = f.tell()
+                size = os.fstat(f.fileno()).st_size
         except (OSError, ValueError) as e:
             raise CollectionError(f"{path}: not a readable .npy file: {e}") from e
         if len(shape) != 2 or dtype.kind != "f" or fortran:
@@ -275,6 +278,9 @@ class _NpyPart(_Part):
         self.rows, self.dim = shape
         self._dtype = dtype
         self.dtype = str(dtype)
+        expected = self._offset + self.rows * self.dim * dtype.itemsize
+        if size < expected:
+            raise CollectionError(f"{path}: truncated: {size} bytes, {shape} {dtype} needs {expected}")
         self._ids_path = path.with_name(path.name + IDS_SUFFIX)
         self._legacy_ids = path.with_name(path.stem + LEGACY_PATHS_SUFFIX)
         if not self._ids_path.is_file() and not self._legacy_ids.is_file():
@@ -283,14 +289,22 @@ class _NpyPart(_Part):
         self.stored = _json_object(sidecar.read_bytes(), sidecar) if sidecar.is_file() else None
 
     def embeddings(self, chunk_rows: int) -> Iterator[np.ndarray]:
+        if self.rows == 0:
+            return
         with open(self.path, "rb") as f:
-            f.seek(self._offset)
-            for start in range(0, self.rows, chunk_rows):
-                n = min(chunk_rows, self.rows - start)
-                block = np.fromfile(f, dtype=self._dtype, count=n * self.dim)
-                if block.size != n * self.dim:
-                    raise CollectionError(f"{self.path}: truncated at row {start + block.size // self.dim}")
-                yield block.reshape(n, self.dim)
+            # Not closed here: the arrays handed out keep it alive, and it is unmapped with the last.
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        rows = np.frombuffer(mapped, self._dtype, self.rows * self.dim, self._offset).reshape(
+            self.rows, self.dim
+        )
+        row_bytes = self.dim * self._dtype.itemsize
+        for start in range(0, self.rows, chunk_rows):
+            yield rows[start : start + chunk_rows]
+            begin = self._offset + start * row_bytes
+            end = min(begin + chunk_rows * row_bytes, len(mapped))
+            aligned = begin - begin % mmap.PAGESIZE
+            # Pages of a read-only file map: dropped from this process, read again if touched again.
+            mapped.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
 
     def ids(self) -> list[str]:
         if self._ids_path.is_file():

@@ -24,6 +24,7 @@ import binascii
 import functools
 import io
 import re
+import weakref
 from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Literal
@@ -90,21 +91,21 @@ def search_router(
     request that returns one when asked (a server that loads its model after it starts; a model
     that is not the collection's then fails each search with 500 and the reason). ``index``:
     search it instead of every row (it must have been built for ``collection``)."""
-    checked: set[int] = set()  # ids of the Encoders found to be the collection's model
+    checked: weakref.WeakSet[Encoder] = weakref.WeakSet()  # Encoders found to be the collection's model
 
     def query_encoder(request: Request) -> Encoder:
         given = encoder(request) if callable(encoder) else encoder
-        if id(given) not in checked:
+        if given not in checked:
             try:
                 collection.check_model(encoder_provenance(given))
             except ProvenanceError as e:
                 raise HTTPException(500, f"this server's model cannot search {collection.path}: {e}") from e
-            checked.add(id(given))
+            checked.add(given)
         return given
 
     if not callable(encoder):
         collection.check_model(encoder_provenance(encoder))
-        checked.add(id(encoder))
+        checked.add(encoder)
     if index is not None:
         index.check(collection)
     page = resources.files(__package__).joinpath("static", PAGE).read_text(encoding="utf-8")
