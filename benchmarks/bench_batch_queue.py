@@ -5,7 +5,8 @@ caller embedding the same images in batches, through the same ``Encoder(onnx)`` 
 
 The queue batches the concurrent callers' images together (up to max_batch, waiting at most
 max_delay_ms for a batch to fill), so the many-callers number should approach the batched one;
-``mean_batch`` in extra_info is the batch size the queue actually formed during the timed rounds.
+``mean_batch`` in extra_info is the batch size the queue actually formed during the timed rounds,
+``batch_sizes`` the histogram of them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ import pytest
 
 import nvclip_fast as nf
 from preprocess_reference import bench_photos
-from throughput import ISSUE_5, QUEUE_CALLERS_VS_BATCHED, Compare, cpu_threads, measure
+from throughput import (
+    ISSUE_5,
+    QUEUE_CALLERS_VS_BATCHED,
+    Compare,
+    add_info,
+    cpu_threads,
+    measure,
+    queue_stats_info,
+)
 
 CALLERS = 32  # issue 5
 IMAGES = 64  # two images per caller, two full batches for the batched caller
@@ -38,9 +47,7 @@ def queue_setup(cpu_model):
 def _measure_with_batches(benchmark, encoder, fn, **kwargs) -> None:
     before = encoder.stats()  # the queue's own counters: how the images were batched
     measure(benchmark, fn, **kwargs)
-    after = encoder.stats()
-    batches = after["batches"] - before["batches"]
-    benchmark.extra_info["mean_batch"] = round((after["images"] - before["images"]) / max(batches, 1), 1)
+    add_info(benchmark, queue_stats_info(before, encoder.stats()))
 
 
 @pytest.mark.benchmark(group="batch_queue cpu ViT-S-32")

@@ -32,8 +32,10 @@ from throughput import (
     EMBED_GPU_VS_MODEL_ONLY,
     ISSUE_5,
     Compare,
+    add_info,
     cpu_threads,
     measure,
+    queue_stats_info,
 )
 
 # issue 5's parity bar for Encoder(onnx) against open_clip's pipeline in fp32; fp16 towers are held
@@ -201,6 +203,7 @@ MODEL_ONLY_ROUNDS = 10
 E2E_ROUNDS = 5
 EAGER_ROUNDS = 2
 PARITY_IMAGES = 8
+MIB = 1 << 20
 
 E2E = "PyTorch engine, end to end"
 MODEL_ONLY = "model only (fp16 device batch)"
@@ -314,9 +317,7 @@ def test_gpu_pytorch_engine_end_to_end(benchmark, gpu_model, host_images_640x480
         compare=[Compare(MODEL_ONLY, EMBED_GPU_VS_MODEL_ONLY, ISSUE_5), Compare(EAGER)],
         gpu_work=(name, GPU_IMAGE_SIZE),
     )
-    after = encoder.stats()
-    batches = after["batches"] - before["batches"]
-    benchmark.extra_info["mean_batch"] = (after["images"] - before["images"]) / max(batches, 1)
+    add_info(benchmark, queue_stats_info(before, encoder.stats()))
 
 
 @pytest.mark.gpu
@@ -413,6 +414,9 @@ def test_tensorrt_only(benchmark, trt_plan, host_images_640x480):
             raise RuntimeError("TensorRT execute_async_v3 failed")
         stream.synchronize()
 
+    # What each stream slot's execution context allocates for the largest batch (10.0 has only the
+    # first name, 11.x only the second).
+    context_bytes = getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size
     measure(
         benchmark,
         step,
@@ -420,6 +424,7 @@ def test_tensorrt_only(benchmark, trt_plan, host_images_640x480):
         label=TRT_ONLY,
         rounds=MODEL_ONLY_ROUNDS,
         gpu_work=(name, GPU_IMAGE_SIZE),
+        context_memory_mib=round(context_bytes / MIB, 1),
     )
 
 
@@ -431,6 +436,7 @@ def test_tensorrt_end_to_end(benchmark, trt_plan, host_images_640x480):
     name, plan = trt_plan
     benchmark.group = f"embed tensorrt {name}@{GPU_IMAGE_SIZE} fp16 b{GPU_BATCH}"
     with nf.Encoder(plan, max_batch=GPU_BATCH) as encoder:
+        before = encoder.stats()
 
         def step():
             encoder.embed(host_images_640x480)
@@ -445,3 +451,4 @@ def test_tensorrt_end_to_end(benchmark, trt_plan, host_images_640x480):
             compare=[Compare(TRT_ONLY, EMBED_GPU_VS_MODEL_ONLY, ISSUE_5)],
             gpu_work=(name, GPU_IMAGE_SIZE),
         )
+        add_info(benchmark, queue_stats_info(before, encoder.stats()))

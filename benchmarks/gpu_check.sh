@@ -10,11 +10,15 @@
 #              index: nothing is downloaded), installed into $SITE
 #   tests      pytest -m "gpu or tensorrt" tests        (TensorRT tests skip where it is absent)
 #   bench      pytest -m "gpu or tensorrt" benchmarks --benchmark-only (not the slow TensorRT
-#              exports unless --with-slow)
+#              exports unless --with-slow); besides images/s it measures the kernel's two compiled
+#              occupancy variants side by side (__launch_bounds__(256, 1) and (256, 3)), the overlap
+#              of copies and kernels fed from pinned memory (copies alone, kernels alone, both
+#              pipelined) and the histogram of the batch sizes the queue formed under load
 #   ctest      the C++ unit tests, test_batch_queue_cuda included
 #   memcheck_queue  compute-sanitizer memcheck on test_batch_queue_cuda (queue + kernel, no torch)
-#   memcheck   compute-sanitizer memcheck on the resize_normalize kernel tests (pytest)
-#   racecheck  compute-sanitizer racecheck on the same
+#   memcheck   compute-sanitizer memcheck on the resize_normalize kernel tests (pytest), both
+#              variants, batches over several launches included
+#   racecheck  compute-sanitizer racecheck on the same (fewer of them)
 # Writes to $OUT (default ./gpu-results): gpu_check.md and gpu_check.json (steps, GPU, benchmark rows,
 # ratios, targets), bench.json (pytest-benchmark's own) and gpu_check.log (every step's output).
 #
@@ -60,7 +64,7 @@ declare -A LIMIT=(
 STEPS=(env wheels build tests bench ctest memcheck_queue memcheck racecheck)
 MARK_BENCH="(gpu or tensorrt) and not slow"
 [ "$WITH_SLOW" = 1 ] && MARK_BENCH="gpu or tensorrt"
-SANITIZED_TESTS=(tests/test_resize_normalize.py -m gpu)
+SANITIZED_TESTS=(tests/test_resize_normalize.py tests/test_resize_normalize_launch.py -m gpu)
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rs)
 
 gpu_arch() {  # "90" for compute capability 9.0; GPU_CHECK_CUDA_ARCH overrides; "native" as a fallback
@@ -87,9 +91,9 @@ nvcc --version | tail -n 2; cmake --version | head -n 1")
   CMD_ctest=(ctest --test-dir "$BUILD_DIR" --output-on-failure --timeout 40)
   CMD_memcheck_queue=(compute-sanitizer --tool memcheck --error-exitcode 3 "$BUILD_DIR/tests/cpp/test_batch_queue_cuda")
   CMD_memcheck=(compute-sanitizer --tool memcheck --error-exitcode 3 "${PYTEST[@]}" "${SANITIZED_TESTS[@]}"
-    -k "inputs_on_the_device or out_form")
+    -k "inputs_on_the_device or out_form or several_launches")
   CMD_racecheck=(compute-sanitizer --tool racecheck --error-exitcode 3 "${PYTEST[@]}" "${SANITIZED_TESTS[@]}"
-    -k "inputs_on_the_device")
+    -k "inputs_on_the_device or (several_launches and float16)")
 }
 
 PLAIN_ARG='^[][A-Za-z0-9_./=:,+*@%<>-]+$'

@@ -136,6 +136,49 @@ def measure(
     )
 
 
+# --- what the queue did, and how copies and kernels overlapped ------------------------------------------
+
+BATCH_SIZES_KEY = "batch_sizes"  # Encoder.stats(): {batch size: batches of that size}
+QUEUED_IMAGES_KEY = "queued_images"  # Encoder.stats(): images waiting in the queue
+
+
+def queue_stats_info(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """extra_info for a run through an Encoder, from its stats() before and after: the mean batch,
+    the histogram of batch sizes formed during the run ({size: batches}, sizes as strings so that it
+    survives JSON), and the images still queued at the end; a queue without those counters gets a
+    note saying so instead."""
+    batches = after["batches"] - before["batches"]
+    info: dict[str, Any] = {"mean_batch": round((after["images"] - before["images"]) / max(batches, 1), 1)}
+    if BATCH_SIZES_KEY in after:
+        then = {int(k): v for k, v in before.get(BATCH_SIZES_KEY, {}).items()}
+        now = {int(k): v for k, v in after[BATCH_SIZES_KEY].items()}
+        info[BATCH_SIZES_KEY] = {
+            str(k): now[k] - then.get(k, 0) for k in sorted(now) if now[k] > then.get(k, 0)
+        }
+    else:
+        info["batch_sizes_note"] = (
+            f"Encoder.stats() has no '{BATCH_SIZES_KEY}': this queue does not count batch sizes"
+        )
+    if QUEUED_IMAGES_KEY in after:
+        info[QUEUED_IMAGES_KEY] = after[QUEUED_IMAGES_KEY]
+    return info
+
+
+def overlap_ratio(copy_s: float, kernel_s: float, both_s: float) -> float:
+    """How much of the shorter of two stages hides behind the longer when both run pipelined:
+    1.0 when the pipelined time is the longer stage's alone, 0.0 when it is their sum."""
+    hidden = copy_s + kernel_s - both_s
+    return max(0.0, min(1.0, hidden / min(copy_s, kernel_s)))
+
+
+def add_info(benchmark: Any, info: dict[str, Any]) -> None:
+    """Add what was learned after measure() (e.g. queue_stats_info) to the benchmark's extra_info and
+    to the row measure() recorded for it."""
+    benchmark.extra_info.update(info)
+    if RESULTS and RESULTS[-1].label == benchmark.extra_info.get("label"):
+        RESULTS[-1].info.update(info)
+
+
 # --- the summary ---------------------------------------------------------------------------------------
 
 
@@ -191,6 +234,25 @@ def summary_lines(rows: Sequence[Row]) -> list[str]:
                 + _verdict(
                     row.images_per_s >= row.min_images_per_s, f">= {row.min_images_per_s:,.0f}", row.source
                 )
+            )
+        if BATCH_SIZES_KEY in row.info or "batch_sizes_note" in row.info:
+            sizes = row.info.get(BATCH_SIZES_KEY)
+            histogram = (
+                ", ".join(f"{k}: {v}" for k, v in sizes.items()) if sizes else row.info["batch_sizes_note"]
+            )
+            lines.append(
+                f"{row.group}: {row.label}: batch sizes {{{histogram}}}, mean {row.info['mean_batch']}"
+            )
+        if "context_memory_mib" in row.info:
+            lines.append(
+                f"{row.group}: {row.label}: each execution context (stream slot) allocates "
+                f"{row.info['context_memory_mib']:,.1f} MiB of device memory"
+            )
+        if "overlap" in row.info:
+            lines.append(
+                f"{row.group}: {row.label}: copy/kernel overlap {row.info['overlap']:.2f} (copy "
+                f"{row.info['copy_ms']:.2f} ms, kernel {row.info['kernel_ms']:.2f} ms, both pipelined "
+                f"{row.info['pipelined_ms']:.2f} ms; 1.0 = the shorter fully hidden)"
             )
         fraction = row.info.get("fraction_of_fp16_ceiling")
         if "gflop_per_image" in row.info:

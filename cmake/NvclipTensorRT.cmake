@@ -2,6 +2,7 @@
 # wheel serves machines with and without TensorRT. Headers are searched under TensorRT_ROOT.
 set(NVCLIP_WITH_TENSORRT OFF)
 set(NVCLIP_TENSORRT_VERSION "")
+set(NVCLIP_TENSORRT_MAJOR 0)  # 0: no headers (the library loader still builds, with every supported major)
 if(NOT NVCLIP_TENSORRT STREQUAL "OFF")
   if(NOT NVCLIP_WITH_CUDA)
     if(NVCLIP_TENSORRT STREQUAL "ON")

@@ -58,14 +58,7 @@ NormalizeTable make_normalize_table(const PreprocessParams& params, OutputDType 
   NormalizeTable table;
   for (int c = 0; c < kOutputChannels; ++c) {
     for (int level = 0; level < kLevels; ++level) {
-      const float v = normalize_level(static_cast<uint8_t>(level), params.mean[c], params.std[c]);
-      uint32_t word;
-      if (dtype == OutputDType::kFloat16) {
-        word = float_to_half_bits(v);
-      } else {
-        std::memcpy(&word, &v, sizeof word);
-      }
-      table.words[c][level] = word;
+      table.words[c][level] = normalize_word(static_cast<uint8_t>(level), params.mean[c], params.std[c], dtype);
     }
   }
   return table;

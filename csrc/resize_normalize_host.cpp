@@ -41,21 +41,25 @@ AxisCache<AxisCoeffs>& kernel_coeff_cache() {
 }
 
 template <typename OutT>
-void emulate(const TileImage* images, int64_t n, const NormalizeTable& table, int32_t size, uint8_t fill,
-             OutT* out) {
-  const int32_t per_row = tiles_per_row(size);
-  const int64_t per_image = tiles_per_image(size);
-  const int64_t image_elems = int64_t{kOutputChannels} * size * size;
-  const uint32_t* words = &table.words[0][0];
-  std::vector<uint8_t> inter(kInterBytes);  // the block's shared memory
+void emulate(const LaunchParams& p, OutputDType dtype) {
+  const LaunchHeader& h = p.h;
+  const int64_t image_elems = int64_t{kOutputChannels} * h.size * h.size;
+  auto* out = static_cast<OutT*>(h.out);
+  // The block's shared memory: the normalize table and the intermediate.
+  std::vector<uint32_t> table(kOutputChannels * kLevels);
+  std::vector<uint8_t> inter(kInterBytes);
   using Acc = int32_t[kPixelsPerThread][kMaxChannels];
   std::vector<Acc> acc(kBlockThreads);  // each thread's registers
-  for (int64_t block = 0; block < n * per_image; ++block) {
-    const int64_t image = block / per_image;
-    const auto tile = static_cast<int32_t>(block % per_image);
-    const TileImage& im = images[image];
-    const TileBounds b = tile_bounds(im, size, tile, per_row);
+  for (int64_t block = 0; block < h.count * h.per_image; ++block) {
+    const int64_t image = block / h.per_image;
+    const auto tile = static_cast<int32_t>(block % h.per_image);
+    // Poisoned: an entry this block's threads did not build shows.
+    std::fill(table.begin(), table.end(), 0xA5A5A5A5u);
+    for (int tid = 0; tid < kBlockThreads; ++tid) tile_normalize_table(h.normalize, dtype, tid, table.data());
+    const TileImage& im = p.images[image];
+    const TileBounds b = tile_bounds(im, h.size, tile, h.per_row);
     for (int tid = 0; tid < kBlockThreads; ++tid) tile_init(acc[tid]);
+    // __syncthreads()
     for (int32_t chunk0 = b.line0; chunk0 < b.line1; chunk0 += kChunkLines) {
       // Poison the shared memory: a byte read that this chunk's first pass did not write shows.
       std::memset(inter.data(), 0xA5, inter.size());
@@ -77,7 +81,7 @@ void emulate(const TileImage* images, int64_t n, const NormalizeTable& table, in
       // __syncthreads()
     }
     for (int tid = 0; tid < kBlockThreads; ++tid) {
-      tile_store(im, b, size, tid, acc[tid], words, fill, out + image * image_elems);
+      tile_store(im, b, h.size, tid, acc[tid], table.data(), h.fill, out + image * image_elems);
     }
   }
 }
@@ -140,12 +144,11 @@ std::vector<ResizePlan> plan_batch(const ImageView* images, int64_t n, const Pre
   return plans;
 }
 
-void resize_normalize_emulate(const TileImage* images, int64_t n, const NormalizeTable& table, int32_t size,
-                              uint8_t fill, OutputDType dtype, void* out) {
+void resize_normalize_emulate(const LaunchParams& p, OutputDType dtype) {
   if (dtype == OutputDType::kFloat16) {
-    emulate(images, n, table, size, fill, static_cast<uint16_t*>(out));
+    emulate<uint16_t>(p, dtype);
   } else {
-    emulate(images, n, table, size, fill, static_cast<float*>(out));
+    emulate<float>(p, dtype);
   }
 }
 
@@ -187,10 +190,10 @@ KernelBatchPacker::Layout KernelBatchPacker::plan(const ImageView* images, int64
   for (int64_t i = 0; i < n; ++i) {
     images_.push_back(make_tile_image(images[i], plans_[static_cast<size_t>(i)], {}, {}));
   }
-  normalize_table_ = make_normalize_table(params, dtype);
+  params_ = params;
+  dtype_ = dtype;
   layout_ = Layout{};
   layout_.n = n;
-  layout_.header_bytes = kDescriptorOffset + n * static_cast<int64_t>(sizeof(TileImage));
   const int64_t used_before = arena_used_;
   place_batch(params.interpolation);
   layout_.table_offset = used_before;
@@ -207,24 +210,41 @@ KernelBatchPacker::Layout KernelBatchPacker::plan(const ImageView* images, int64
   return layout_;
 }
 
-void KernelBatchPacker::write(uint8_t* staging, const uint8_t* arena_device) const {
-  std::memcpy(staging + kNormalizeTableOffset, &normalize_table_, sizeof normalize_table_);
-  auto* descriptors = reinterpret_cast<TileImage*>(staging + kDescriptorOffset);
+void KernelBatchPacker::write(uint8_t* staging, const uint8_t* arena_device) {
   for (size_t i = 0; i < images_.size(); ++i) {
-    TileImage im = images_[i];
     const Slot& y = slots_[2 * i];
     const Slot& x = slots_[2 * i + 1];
-    im.y = axis_table_view(arena_device + y.offset, y.count, y.ksize);
-    im.x = axis_table_view(arena_device + x.offset, x.count, x.ksize);
-    std::memcpy(static_cast<void*>(descriptors + i), &im, sizeof im);
+    images_[i].y = axis_table_view(arena_device + y.offset, y.count, y.ksize);
+    images_[i].x = axis_table_view(arena_device + x.offset, x.count, x.ksize);
   }
-  uint8_t* tables = staging + layout_.header_bytes;
-  for (const auto& [coeffs, offset] : new_tables_) write_axis_table(*coeffs, tables + (offset - layout_.table_offset));
+  for (const auto& [coeffs, offset] : new_tables_) write_axis_table(*coeffs, staging + (offset - layout_.table_offset));
+}
+
+void KernelBatchPacker::fill_launch(int64_t k, void* out, LaunchParams* p) const {
+  const int64_t first = k * kLaunchImages;
+  const int64_t count = std::min<int64_t>(kLaunchImages, layout_.n - first);
+  if (k < 0 || count <= 0) {
+    throw std::out_of_range("launch " + std::to_string(k) + " of a batch of " + std::to_string(layout_.n));
+  }
+  LaunchHeader& h = p->h;
+  for (int c = 0; c < kOutputChannels; ++c) {
+    h.normalize.mean[c] = params_.mean[c];
+    h.normalize.std[c] = params_.std[c];
+  }
+  const int64_t image_bytes = int64_t{kOutputChannels} * params_.size * params_.size * output_element_bytes(dtype_);
+  h.out = static_cast<uint8_t*>(out) + first * image_bytes;
+  h.per_image = tiles_per_image(params_.size);
+  h.size = params_.size;
+  h.per_row = tiles_per_row(params_.size);
+  h.count = static_cast<int32_t>(count);
+  h.fill = params_.fill;
+  std::copy_n(images_.begin() + first, count, p->images);
 }
 
 // ---- ResizeNormalizeEmulated -----------------------------------------------------------------
 
-ResizeNormalizeEmulated::ResizeNormalizeEmulated(int64_t arena_bytes) : packer_(arena_bytes) {}
+ResizeNormalizeEmulated::ResizeNormalizeEmulated(int64_t arena_bytes)
+    : packer_(arena_bytes), launch_(std::make_unique<LaunchParams>()) {}
 
 void ResizeNormalizeEmulated::enqueue(const ImageView* images, int64_t n, const PreprocessParams& params,
                                       OutputDType dtype, void* out) {
@@ -235,18 +255,16 @@ void ResizeNormalizeEmulated::enqueue(const ImageView* images, int64_t n, const 
   const KernelBatchPacker::Layout layout = packer_.plan(images, n, params, dtype);
   // Stand-ins for the device buffers; a reallocation here is where the CUDA path waits for the
   // previous kernel.
-  staging_.resize(static_cast<size_t>(std::max<int64_t>(layout.header_bytes + layout.table_bytes,
-                                                        static_cast<int64_t>(staging_.size()))));
-  header_.resize(static_cast<size_t>(std::max<int64_t>(layout.header_bytes, static_cast<int64_t>(header_.size()))));
+  staging_.resize(static_cast<size_t>(std::max<int64_t>(layout.table_bytes, static_cast<int64_t>(staging_.size()))));
   arena_.resize(static_cast<size_t>(std::max<int64_t>(layout.arena_bytes, static_cast<int64_t>(arena_.size()))));
   packer_.write(staging_.data(), arena_.data());
-  std::memcpy(header_.data(), staging_.data(), static_cast<size_t>(layout.header_bytes));
-  std::memcpy(arena_.data() + layout.table_offset, staging_.data() + layout.header_bytes,
-              static_cast<size_t>(layout.table_bytes));
-  NormalizeTable table;
-  std::memcpy(&table, header_.data() + KernelBatchPacker::kNormalizeTableOffset, sizeof table);
-  const auto* descriptors = reinterpret_cast<const TileImage*>(header_.data() + KernelBatchPacker::kDescriptorOffset);
-  resize_normalize_emulate(descriptors, n, table, params.size, params.fill, dtype, out);
+  if (layout.table_bytes > 0) {
+    std::memcpy(arena_.data() + layout.table_offset, staging_.data(), static_cast<size_t>(layout.table_bytes));
+  }
+  for (int64_t k = 0; k < launch_count(n); ++k) {
+    packer_.fill_launch(k, out, launch_.get());
+    resize_normalize_emulate(*launch_, dtype);
+  }
 }
 
 }  // namespace nvclip

@@ -11,8 +11,9 @@
 //     chunk's lines at the tile's outputs into shared memory (Pillow's uint8 image between the
 //     passes, restricted to what the tile needs), then every output pixel adds the chunk's lines
 //     that fall in its own B window to its int32 accumulators;
-//   * after the last chunk each pixel is clipped to uint8, looked up in the normalize table and
-//     written to the three planes. Outputs outside the image's part of the tile get `fill`.
+//   * after the last chunk each pixel is clipped to uint8, looked up in the normalize table (built
+//     by the block itself, tile_normalize_table) and written to the three planes. Outputs outside
+//     the image's part of the tile get `fill`.
 // Only outputs that survive the crop are computed, and only the source lines they read.
 #pragma once
 
@@ -86,6 +87,20 @@ NVCLIP_HD TileBounds tile_bounds(const TileImage& im, int32_t size, int32_t tile
   b.line0 = second.start[first_out];
   b.line1 = second.start[last_out] + second.taps[last_out];
   return b;
+}
+
+// What the normalize step needs: each block builds its NormalizeTable from these.
+struct NormalizeParams {
+  float mean[kOutputChannels];
+  float std[kOutputChannels];
+};
+
+// Thread `tid`'s share of the block's normalize table ([3][256] words, as NormalizeTable).
+NVCLIP_HD void tile_normalize_table(const NormalizeParams& n, OutputDType dtype, int tid, uint32_t* table) {
+  for (int i = tid; i < kOutputChannels * kLevels; i += kBlockThreads) {
+    const int c = i / kLevels;
+    table[i] = normalize_word(static_cast<uint8_t>(i % kLevels), n.mean[c], n.std[c], dtype);
+  }
 }
 
 NVCLIP_HD void tile_init(int32_t (&acc)[kPixelsPerThread][kMaxChannels]) {

@@ -3,9 +3,7 @@
 #include "bindings.h"
 #include "build_info.h"
 #include "cuda_util.h"
-#if NVCLIP_WITH_TENSORRT
 #include "trt_library.h"
-#endif
 
 namespace py = pybind11;
 
@@ -30,20 +28,16 @@ void bind_build_info(py::module_& m) {
   m.def("cuda_unavailable_reason", &cuda_unavailable_reason,
         "Why no CUDA device is usable, or '' when one is.");
 
-  m.def("tensorrt_library", [](const std::string& path) -> py::tuple {
-#if NVCLIP_WITH_TENSORRT
-    const TrtLibrary* library = nullptr;
+  m.def("tensorrt_library", [](const std::string& library, const std::vector<std::string>& search_dirs) {
+    const TrtLibrary* loaded = nullptr;
     {
       py::gil_scoped_release release;
-      library = &TrtLibrary::load(path);
+      loaded = &TrtLibrary::load(TrtLibrarySearch{library, search_dirs});
     }
-    return py::make_tuple(library->path(), library->version());
-#else
-    (void)path;
-    throw EngineError("nvclip_fast was built without TensorRT support (no TensorRT headers at build time)");
-#endif
-  }, py::arg("path") = "",
-     "Load the TensorRT runtime library (dlopen); returns (path, version). Raises EngineError.");
+    return py::make_tuple(loaded->path(), loaded->version_string(), trt_runtime_kind_name(loaded->kind()));
+  }, py::arg("library") = "", py::arg("search_dirs") = std::vector<std::string>{},
+     "Load the TensorRT runtime library (dlopen, once per process); returns (path, version, kind). "
+     "Raises EngineError listing every place tried.");
 }
 
 }  // namespace nvclip

@@ -256,20 +256,25 @@ enqueued on it before returning. The views are valid during the call only.)doc")
 
   py::class_<TrtEngine, Engine, py::smart_holder> trt(m, "TrtEngine", "A TensorRT plan run natively (dlopen'ed libnvinfer).");
 #if NVCLIP_WITH_TENSORRT
-  trt.def(py::init([](const std::filesystem::path& path, int32_t device, const std::string& library) {
+  trt.def(py::init([](const std::filesystem::path& path, int32_t device, const std::string& library,
+                       const std::vector<std::string>& search_dirs) {
             py::gil_scoped_release release;  // reading + deserializing a plan takes seconds
-            return std::make_shared<TrtEngine>(path.string(), TrtEngineOptions{library, device});
+            return std::make_shared<TrtEngine>(path.string(), TrtEngineOptions{{library, search_dirs}, device});
           }),
-          py::arg("path"), py::arg("device") = 0, py::arg("library") = "")
+          py::arg("path"), py::arg("device") = 0, py::arg("library") = "",
+          py::arg("search_dirs") = std::vector<std::string>{})
       .def_property_readonly("path", &TrtEngine::path)
       .def_property_readonly("library_path", &TrtEngine::library_path)
       .def_property_readonly("library_version", &TrtEngine::library_version)
+      .def_property_readonly("context_memory_bytes", &TrtEngine::context_memory_bytes,
+                             "Device memory each stream slot's execution context allocates (largest batch).")
       .def("warnings", &TrtEngine::warnings, "TensorRT's recent warnings (errors are raised instead).");
 #else
-  trt.def(py::init([](const std::filesystem::path&, int32_t, const std::string&) {
+  trt.def(py::init([](const std::filesystem::path&, int32_t, const std::string&, const std::vector<std::string>&) {
             return std::make_shared<TrtEngine>();
           }),
-          py::arg("path"), py::arg("device") = 0, py::arg("library") = "");
+          py::arg("path"), py::arg("device") = 0, py::arg("library") = "",
+          py::arg("search_dirs") = std::vector<std::string>{});
 #endif
 }
 

@@ -207,8 +207,10 @@ void bind_resize_normalize(py::module_& m) {
 
 #if NVCLIP_WITH_CUDA
   py::class_<ResizeNormalizeCuda>(m, "ResizeNormalizeCuda")
-      .def(py::init<int64_t>(), py::arg("table_arena_bytes") = kDefaultTableArenaBytes)
+      .def(py::init<int64_t, int>(), py::arg("table_arena_bytes") = kDefaultTableArenaBytes,
+           py::arg("min_blocks_per_sm") = kDefaultMinBlocksPerSm)
       .def_property_readonly("device", &ResizeNormalizeCuda::device)
+      .def_property_readonly("min_blocks_per_sm", &ResizeNormalizeCuda::min_blocks_per_sm)
       .def(
           "enqueue",
           [](ResizeNormalizeCuda& self, const std::vector<std::array<int64_t, 5>>& images,

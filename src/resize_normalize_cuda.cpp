@@ -1,7 +1,9 @@
-// ResizeNormalizeCuda: scratch memory, uploads and the launch of the resize_normalize kernel. The
-// layout of what is uploaded is KernelBatchPacker's (csrc/), which the tests run on the CPU.
+// ResizeNormalizeCuda: the table arena, the upload of new coefficient tables and the launches of
+// the resize_normalize kernel. What is uploaded and what each launch carries is
+// KernelBatchPacker's (csrc/), which the tests run on the CPU.
 #include <algorithm>
 #include <array>
+#include <iterator>
 #include <stdexcept>
 #include <string>
 
@@ -13,8 +15,8 @@ namespace nvclip {
 
 namespace {
 
-// Pinned staging buffers used in turn, so that packing the next batch never waits for the copy of
-// the last one, only for the one before it.
+// Pinned staging buffers for new coefficient tables, used in turn, so that packing the next batch
+// never waits for the copy of the last one, only for the one before it.
 constexpr int kStagingBuffers = 2;
 
 struct Staging {
@@ -27,14 +29,14 @@ struct Staging {
 }  // namespace
 
 struct ResizeNormalizeCuda::Impl {
-  explicit Impl(int64_t arena_bytes) : packer(arena_bytes) {}
+  Impl(int64_t arena_bytes, int min_blocks) : packer(arena_bytes), min_blocks_per_sm(min_blocks) {}
 
   int device = 0;
   KernelBatchPacker packer;
+  int min_blocks_per_sm;
+  LaunchParams launch{};  // filled per launch; the launch copies it
   std::array<Staging, kStagingBuffers> staging{};
   int next_staging = 0;
-  uint8_t* header = nullptr;  // device: normalize table + descriptors
-  int64_t header_bytes = 0;
   uint8_t* arena = nullptr;  // device: coefficient tables
   int64_t arena_bytes = 0;
   cudaEvent_t kernel_done = nullptr;  // the last kernel has finished
@@ -45,13 +47,15 @@ struct ResizeNormalizeCuda::Impl {
     if (kernel_recorded) NVCLIP_CUDA_CHECK(cudaEventSynchronize(kernel_done));
   }
 
-  // Device buffers an earlier kernel may read are freed only after it (the caller waited).
-  static void reallocate_device(uint8_t** buffer, int64_t* size, int64_t bytes) {
-    if (*buffer != nullptr) NVCLIP_CUDA_CHECK(cudaFree(*buffer));
-    *buffer = nullptr;
-    *size = 0;
-    NVCLIP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(buffer), static_cast<size_t>(bytes)));
-    *size = bytes;
+  // The arena is replaced only after the kernels that read it have finished (the caller waited);
+  // cudaFree synchronizes the device, which a recycled arena (rare: its 8 MB hold ~500 photo-size
+  // tables) can afford.
+  void grow_arena(int64_t bytes) {
+    if (arena != nullptr) NVCLIP_CUDA_CHECK(cudaFree(arena));
+    arena = nullptr;
+    arena_bytes = 0;
+    NVCLIP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&arena), static_cast<size_t>(bytes)));
+    arena_bytes = bytes;
   }
 
   Staging& staging_for(int64_t bytes) {
@@ -78,15 +82,19 @@ struct ResizeNormalizeCuda::Impl {
       if (st.data != nullptr) cudaFreeHost(st.data);
       if (st.copied != nullptr) cudaEventDestroy(st.copied);
     }
-    if (header != nullptr) cudaFree(header);
     if (arena != nullptr) cudaFree(arena);
     if (kernel_done != nullptr) cudaEventDestroy(kernel_done);
     cudaGetLastError();
   }
 };
 
-ResizeNormalizeCuda::ResizeNormalizeCuda(int64_t table_arena_bytes)
-    : impl_(std::make_unique<Impl>(table_arena_bytes)) {
+ResizeNormalizeCuda::ResizeNormalizeCuda(int64_t table_arena_bytes, int min_blocks_per_sm) {
+  if (std::find(std::begin(kMinBlocksVariants), std::end(kMinBlocksVariants), min_blocks_per_sm) ==
+      std::end(kMinBlocksVariants)) {
+    throw std::invalid_argument("resize_normalize: min_blocks_per_sm must be 1 or 3 (the compiled variants), got " +
+                                std::to_string(min_blocks_per_sm));
+  }
+  impl_ = std::make_unique<Impl>(table_arena_bytes, min_blocks_per_sm);
   try {
     NVCLIP_CUDA_CHECK(cudaGetDevice(&impl_->device));
     for (Staging& st : impl_->staging) {
@@ -105,6 +113,8 @@ ResizeNormalizeCuda::~ResizeNormalizeCuda() {
 
 int ResizeNormalizeCuda::device() const { return impl_->device; }
 
+int ResizeNormalizeCuda::min_blocks_per_sm() const { return impl_->min_blocks_per_sm; }
+
 void ResizeNormalizeCuda::enqueue(const ImageView* device_images, int64_t n, const PreprocessParams& params,
                                   OutputDType dtype, void* device_out, cudaStream_t stream) {
   Impl& s = *impl_;
@@ -121,31 +131,31 @@ void ResizeNormalizeCuda::enqueue(const ImageView* device_images, int64_t n, con
   }
   const KernelBatchPacker::Layout layout = s.packer.plan(device_images, n, params, dtype);  // validates
   try {
-    Staging& st = s.staging_for(layout.header_bytes + layout.table_bytes);
-    const bool grow_header = layout.header_bytes > s.header_bytes;
     const bool grow_arena = layout.arena_bytes > s.arena_bytes;
-    if (grow_header || grow_arena || layout.arena_recycled) s.wait_kernel();
-    if (grow_header) Impl::reallocate_device(&s.header, &s.header_bytes, layout.header_bytes);
+    if (grow_arena || layout.arena_recycled) s.wait_kernel();
     // Only a recycled arena grows (KernelBatchPacker): nothing in the old one is needed any more.
-    if (grow_arena) Impl::reallocate_device(&s.arena, &s.arena_bytes, layout.arena_bytes);
-    s.packer.write(st.data, s.arena);
-    // On another stream than the previous call's, the copies into the header (and a recycled
-    // arena) wait for the previous kernel; on the same stream, stream order does it.
+    if (grow_arena) s.grow_arena(layout.arena_bytes);
+    // On another stream than the previous call's, this call's work waits (on the device) for the
+    // previous kernel: the tables it reads were copied before that kernel, and the arena space
+    // this call writes may still be read by it (after a recycle or a forget()). On the same
+    // stream, stream order does both. So all of this object's kernels run in one order.
     if (s.kernel_recorded && stream != s.last_stream) {
       NVCLIP_CUDA_CHECK(cudaStreamWaitEvent(stream, s.kernel_done, 0));
     }
-    NVCLIP_CUDA_CHECK(cudaMemcpyAsync(s.header, st.data, static_cast<size_t>(layout.header_bytes),
-                                      cudaMemcpyHostToDevice, stream));
     if (layout.table_bytes > 0) {
-      NVCLIP_CUDA_CHECK(cudaMemcpyAsync(s.arena + layout.table_offset, st.data + layout.header_bytes,
+      Staging& st = s.staging_for(layout.table_bytes);
+      s.packer.write(st.data, s.arena);
+      NVCLIP_CUDA_CHECK(cudaMemcpyAsync(s.arena + layout.table_offset, st.data,
                                         static_cast<size_t>(layout.table_bytes), cudaMemcpyHostToDevice, stream));
+      NVCLIP_CUDA_CHECK(cudaEventRecord(st.copied, stream));
+      st.in_use = true;
+    } else {
+      s.packer.write(nullptr, s.arena);  // every table is in the arena already
     }
-    NVCLIP_CUDA_CHECK(cudaEventRecord(st.copied, stream));
-    st.in_use = true;
-    const auto* descriptors = reinterpret_cast<const TileImage*>(s.header + KernelBatchPacker::kDescriptorOffset);
-    const auto* table = reinterpret_cast<const uint32_t*>(s.header + KernelBatchPacker::kNormalizeTableOffset);
-    NVCLIP_CUDA_CHECK(launch_resize_normalize(descriptors, n, table, params.size, params.fill, dtype, device_out,
-                                              stream));
+    for (int64_t k = 0; k < launch_count(n); ++k) {
+      s.packer.fill_launch(k, device_out, &s.launch);
+      NVCLIP_CUDA_CHECK(launch_resize_normalize(s.launch, dtype, s.min_blocks_per_sm, stream));
+    }
     NVCLIP_CUDA_CHECK(cudaEventRecord(s.kernel_done, stream));
     s.kernel_recorded = true;
     s.last_stream = stream;

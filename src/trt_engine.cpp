@@ -5,10 +5,13 @@
 #include <fstream>
 #include <optional>
 #include <sstream>
+#include <vector>
 
 #include "cuda_util.h"
 #include "errors.h"
 #include "trt_library.h"
+
+static_assert(NV_TENSORRT_MAJOR == NVCLIP_TENSORRT_MAJOR, "CMake read another TensorRT major than the headers have");
 
 namespace nvclip {
 
@@ -33,6 +36,13 @@ std::optional<TensorDType> from_trt(nvinfer1::DataType type) {
 std::vector<int64_t> to_shape(const nvinfer1::Dims& dims) {
   if (dims.nbDims < 0) return {};
   return std::vector<int64_t>(dims.d, dims.d + dims.nbDims);
+}
+
+nvinfer1::Dims to_dims(const std::vector<int64_t>& shape) {
+  nvinfer1::Dims dims{};
+  dims.nbDims = static_cast<int32_t>(shape.size());
+  for (size_t i = 0; i < shape.size() && i < static_cast<size_t>(nvinfer1::Dims::MAX_DIMS); ++i) dims.d[i] = shape[i];
+  return dims;
 }
 
 std::string dims_string(const nvinfer1::Dims& dims) {
@@ -63,44 +73,25 @@ std::vector<char> read_file(const std::string& path) {
 // TrtLogger
 
 void TrtLogger::log(Severity severity, const char* msg) noexcept {
-  try {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (severity == Severity::kINTERNAL_ERROR || severity == Severity::kERROR) {
-      errors_.emplace_back(msg != nullptr ? msg : "(null message)");
-    } else if (severity == Severity::kWARNING) {
-      warnings_.emplace_back(msg != nullptr ? msg : "(null message)");
-      if (warnings_.size() > kMaxWarnings) warnings_.pop_front();
-    }
-    // kINFO / kVERBOSE: TensorRT's progress chatter, not needed to explain a failure.
-  } catch (...) {
-    // log() is noexcept: out of memory while recording a message must not unwind into TensorRT.
+  if (severity == Severity::kINTERNAL_ERROR || severity == Severity::kERROR) {
+    capture_.error(msg);
+  } else if (severity == Severity::kWARNING) {
+    capture_.warning(msg);
   }
-}
-
-std::string TrtLogger::take_errors() {
-  std::lock_guard<std::mutex> lock(mutex_);
-  std::string joined;
-  for (const auto& e : errors_) joined += (joined.empty() ? "" : "; ") + e;
-  errors_.clear();
-  return joined;
-}
-
-std::vector<std::string> TrtLogger::warnings() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return {warnings_.begin(), warnings_.end()};
 }
 
 // ------------------------------------------------------------------------------------------------
 // TrtEngine
 
 void TrtEngine::fail(const std::string& what) {
-  const std::string logged = logger_->take_errors();
+  const std::string logged = logger_->capture().take_errors();
   throw EngineError("TensorRT plan '" + path_ + "': " + what +
                     (logged.empty() ? std::string() : " (TensorRT: " + logged + ")"));
 }
 
 TrtEngine::TrtEngine(const std::string& plan_path, const TrtEngineOptions& options)
     : path_(plan_path), logger_(std::make_unique<TrtLogger>()) {
+  LogCapture::Scope scope(logger_->capture());
   const std::vector<char> blob = read_file(plan_path);
   if (options.device < 0 || cuda_device_count() <= options.device) {
     throw EngineError("cannot run TensorRT plan '" + plan_path + "' on cuda:" + std::to_string(options.device) +
@@ -108,24 +99,35 @@ TrtEngine::TrtEngine(const std::string& plan_path, const TrtEngineOptions& optio
                                                        : "only " + std::to_string(cuda_device_count()) +
                                                              " CUDA device(s)"));
   }
-  const TrtLibrary& library = TrtLibrary::load(options.library);
-  library_path_ = library.path();
-  library_version_ = library.version();
+  library_ = &TrtLibrary::load(options.library);
   CudaDeviceScope device(options.device);
 
-  nvinfer1::IRuntime* runtime = library.create_runtime(*logger_);
-  const std::string runtime_errors = logger_->take_errors();
+  auto* runtime = static_cast<nvinfer1::IRuntime*>(
+      library_->create_runtime(static_cast<nvinfer1::ILogger*>(logger_.get()), NV_TENSORRT_VERSION));
+  const std::string runtime_errors = logger_->capture().take_errors();
   if (runtime == nullptr || !runtime_errors.empty()) {
     // Deliberately not deleted: with a broken CUDA setup TensorRT returns a non-null pointer that is
-    // not an object (REFERENCE.md §4.4); leaking one handle beats crashing the process.
-    throw EngineError("TensorRT (" + library_path_ + ") could not create a runtime for '" + path_ + "'" +
+    // not an object; leaking one handle beats crashing the process.
+    throw EngineError("TensorRT (" + library_->path() + ") could not create a runtime for '" + path_ + "'" +
                       (runtime_errors.empty() ? std::string() : ": " + runtime_errors));
   }
   runtime_.reset(runtime);
+  const TrtRuntimeKind kind = library_->kind();
+  if (kind != TrtRuntimeKind::kFull) {
+    // Version-compatible plans carry the lean runtime as host code, which TensorRT refuses unless
+    // allowed; these libraries run no other plans.
+    runtime_->setEngineHostCodeAllowed(true);
+  }
   engine_.reset(runtime_->deserializeCudaEngine(blob.data(), blob.size()));
   if (!engine_) {
+    if (kind != TrtRuntimeKind::kFull) {
+      fail(std::string("deserialization failed: the TensorRT ") + trt_runtime_kind_name(kind) + " runtime " +
+           library_->path() + " runs only plans built version-compatible (nvclip-fast export "
+           "--version-compatible, trtexec --versionCompatible)");
+    }
     fail("deserialization failed (a plan only loads with the TensorRT version and GPU it was built for, "
-         "unless built version- or hardware-compatible)");
+         "unless built version- or hardware-compatible); TensorRT " + library_->version_string() + " at " +
+         library_->path());
   }
 
   EngineInfo info;
@@ -197,12 +199,62 @@ TrtEngine::~TrtEngine() {
   }
 }
 
+int64_t TrtEngine::context_memory_bytes() const {
+#if NV_TENSORRT_MAJOR > 10 || NV_TENSORRT_MINOR >= 1
+  return engine_->getDeviceMemorySizeV2();
+#else
+  return static_cast<int64_t>(engine_->getDeviceMemorySize());  // 10.0 has only the size_t form
+#endif
+}
+
 void TrtEngine::prepare_slots(int32_t slots) {
+  LogCapture::Scope scope(logger_->capture());
   CudaDeviceScope device(info().device_index);
   while (static_cast<int32_t>(contexts_.size()) < slots) {
+    // kSTATIC (the default): the context allocates the activation memory of the profile's largest
+    // batch now, so that no enqueue allocates.
     std::unique_ptr<nvinfer1::IExecutionContext> context(engine_->createExecutionContext());
-    if (!context) fail("createExecutionContext failed for stream slot " + std::to_string(contexts_.size()));
+    if (!context) {
+      constexpr double kMiB = 1024.0 * 1024.0;
+      size_t free_bytes = 0;
+      size_t total_bytes = 0;
+      const bool known = cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess;
+      cudaGetLastError();
+      std::ostringstream why;
+      why.precision(1);
+      why << std::fixed << "createExecutionContext failed for stream slot " << contexts_.size() << " of " << slots
+          << ": each context allocates " << context_memory_bytes() / kMiB
+          << " MiB of device memory (the activations of the plan's largest batch, " << info().batch.max << "), "
+          << slots << " slots need " << slots * (context_memory_bytes() / kMiB) << " MiB";
+      if (known) {
+        why << "; cuda:" << info().device_index << " has " << free_bytes / kMiB << " MiB free of "
+            << total_bytes / kMiB;
+      }
+      why << " (use fewer streams, or a plan built with a smaller --max-batch)";
+      fail(why.str());
+    }
     contexts_.push_back(std::move(context));
+  }
+  if (!contexts_.empty()) set_batch(*contexts_.front(), info().batch.max);  // a plan that cannot follow fails now
+}
+
+void TrtEngine::set_batch(nvinfer1::IExecutionContext& context, int64_t batch) {
+  const EngineInfo& io = info();
+  nvinfer1::Dims dims = input_dims_;
+  dims.d[0] = batch;
+  if (!context.setInputShape(io.inputs[0].name.c_str(), dims)) {
+    fail("setInputShape('" + io.inputs[0].name + "', " + dims_string(dims) + ") failed");
+  }
+  for (const TensorSpec& out : io.outputs) {
+    // The queue reads `batch` rows of every output: TensorRT must write exactly those.
+    const nvinfer1::Dims got = context.getTensorShape(out.name.c_str());
+    std::vector<int64_t> want = out.shape;
+    want[0] = batch;
+    if (to_shape(got) != want) {
+      fail("output '" + out.name + "' has shape " + dims_string(got) + " for a batch of " + std::to_string(batch) +
+           " rows of '" + io.inputs[0].name + "'; expected " + dims_string(to_dims(want)) +
+           " (every output's first dimension must be the input's batch)");
+    }
   }
 }
 
@@ -211,13 +263,13 @@ void TrtEngine::enqueue(const EngineCall& call) {
     throw EngineError("TrtEngine::enqueue: slot " + std::to_string(call.slot) + " has no execution context (" +
                       std::to_string(contexts_.size()) + " prepared)");
   }
+  LogCapture::Scope scope(logger_->capture());
   nvinfer1::IExecutionContext& context = *contexts_[static_cast<size_t>(call.slot)];
   const EngineInfo& io = info();
-  nvinfer1::Dims dims = input_dims_;
-  dims.d[0] = call.batch;
-  const char* input = io.inputs[0].name.c_str();
-  if (!context.setInputShape(input, dims)) fail("setInputShape('" + io.inputs[0].name + "', " + dims_string(dims) + ") failed");
-  if (!context.setInputTensorAddress(input, call.inputs[0])) fail("setInputTensorAddress('" + io.inputs[0].name + "') failed");
+  set_batch(context, call.batch);
+  if (!context.setInputTensorAddress(io.inputs[0].name.c_str(), call.inputs[0])) {
+    fail("setInputTensorAddress('" + io.inputs[0].name + "') failed");
+  }
   for (size_t i = 0; i < io.outputs.size(); ++i) {
     if (!context.setTensorAddress(io.outputs[i].name.c_str(), call.outputs[i])) {
       fail("setTensorAddress('" + io.outputs[i].name + "') failed");

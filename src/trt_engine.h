@@ -5,65 +5,68 @@
 #pragma once
 
 #include <cstdint>
-#include <deque>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
 #include <NvInferRuntime.h>
 
 #include "engine.h"
+#include "log_capture.h"
+#include "trt_library.h"
 
 namespace nvclip {
 
-// Collects what TensorRT logs instead of printing it: errors are surfaced in the EngineError of the
-// call that failed (take_errors), warnings are kept (the last kMaxWarnings) for the caller to show.
-// Thread-safe: TensorRT may log from any thread that calls into it.
+// TensorRT's logger for one runtime and everything it creates: errors go to the LogCapture scope
+// of the call (on this thread) that caused them, warnings are kept for the caller to show;
+// kINFO / kVERBOSE (TensorRT's progress chatter) are dropped.
 class TrtLogger final : public nvinfer1::ILogger {
  public:
-  static constexpr size_t kMaxWarnings = 64;
   void log(Severity severity, const char* msg) noexcept override;
-  // The errors logged since the last call, joined with "; " ("" when none); clears them.
-  std::string take_errors();
-  std::vector<std::string> warnings() const;
+  LogCapture& capture() { return capture_; }
+  std::vector<std::string> warnings() const { return capture_.warnings(); }
 
  private:
-  mutable std::mutex mutex_;
-  std::vector<std::string> errors_;
-  std::deque<std::string> warnings_;
+  LogCapture capture_;
 };
 
 struct TrtEngineOptions {
-  std::string library;  // path of libnvinfer / lean / dispatch; "" = search (TrtLibrary::load)
-  int32_t device = 0;   // CUDA device ordinal
+  TrtLibrarySearch library;  // where to find the runtime library (TrtLibrary::load)
+  int32_t device = 0;        // CUDA device ordinal
 };
 
 class TrtEngine final : public Engine {
  public:
   // Reads the plan, checks that the CUDA device is usable *before* TensorRT creates a runtime (with
   // no driver TensorRT returns an unusable non-null runtime), loads the library, deserializes and
-  // describes the I/O tensors. Throws EngineError naming the file and what failed, with TensorRT's
-  // logged errors.
+  // describes the I/O tensors. Throws EngineError naming the file and what failed, with the errors
+  // TensorRT logged during this call. A lean or dispatch runtime library runs only plans built
+  // version-compatible; for it the runtime is allowed the host code such plans carry.
   explicit TrtEngine(const std::string& plan_path, const TrtEngineOptions& options = {});
   ~TrtEngine() override;
 
   void enqueue(const EngineCall& call) override;
 
   const std::string& path() const { return path_; }
-  const std::string& library_path() const { return library_path_; }
-  int32_t library_version() const { return library_version_; }
+  const std::string& library_path() const { return library_->path(); }
+  int32_t library_version() const { return library_->version(); }
   std::vector<std::string> warnings() const { return logger_->warnings(); }
+  // The device memory each execution context (stream slot) allocates for the largest batch.
+  int64_t context_memory_bytes() const;
 
  protected:
-  void prepare_slots(int32_t slots) override;  // one execution context per slot
+  // One execution context per slot; each allocates the activation memory of the largest batch.
+  // Checks that every output follows the input's batch (at the profile's largest batch).
+  void prepare_slots(int32_t slots) override;
 
  private:
-  [[noreturn]] void fail(const std::string& what);  // EngineError(path: what: logged errors)
+  // EngineError("TensorRT plan 'path': what (TensorRT: errors logged in this call's scope)").
+  [[noreturn]] void fail(const std::string& what);
+  // setInputShape for `batch` rows, then every output's shape must be [batch, fixed dims...].
+  void set_batch(nvinfer1::IExecutionContext& context, int64_t batch);
 
   std::string path_;
-  std::string library_path_;
-  int32_t library_version_ = 0;
+  const TrtLibrary* library_ = nullptr;
   // Declaration order = reverse destruction order: contexts, engine, runtime, then the logger they
   // all report to.
   std::unique_ptr<TrtLogger> logger_;

@@ -75,9 +75,11 @@ def vits32(tmp_path_factory):
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if "gpu" in item.keywords and (reason := gpu_skip_reason()):
+        # Markers, not keywords: keywords also hold the names of the folders above a test (a
+        # checkout in a folder named "gpu" would skip every test).
+        if item.get_closest_marker("gpu") and (reason := gpu_skip_reason()):
             item.add_marker(pytest.mark.skip(reason=f"gpu: {reason}"))
-        if "tensorrt" in item.keywords and (reason := tensorrt_skip_reason()):
+        if item.get_closest_marker("tensorrt") and (reason := tensorrt_skip_reason()):
             item.add_marker(pytest.mark.skip(reason=f"tensorrt: {reason}"))
 
 

@@ -8,6 +8,7 @@ the same checkpoint (``create_model(name, pretrained=path)``), at batch 1, 3 and
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shlex
 import subprocess
@@ -368,47 +369,111 @@ def test_no_tensorrt_keeps_onnx_and_prints_trtexec(tmp_path):
 # --- TensorRT ---------------------------------------------------------------------------------------------
 
 
+def _fake_build(monkeypatch, tmp_path, version: str, precision: str = "fp16", **spec_fields):
+    """(the stand-in module, an EngineSpec of a 3x32x32 input with batch 1/4/8) for trt_build."""
+    fake = fake_tensorrt.make(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "stand-in GPU")
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(b"graph")
+    fields = {"input_shape": (3, 32, 32), "batch": metadata.BatchProfile(1, 4, 8), **spec_fields}
+    spec = trt_build.EngineSpec(onnx_path, tmp_path / "m.plan", "pixel_values", precision=precision, **fields)
+    return fake, spec
+
+
 @pytest.mark.parametrize(
-    ("version", "strongly_typed_flag", "precision", "flags", "network_flags", "strong"),
+    ("version", "precision", "version_compatible", "flags", "network_flags", "strong"),
     [
-        ("11.4.0", True, "fp16", [], 1 << 0, True),
-        ("11.4.0", True, "fp32", [("clear_flag", "TF32")], 1 << 0, True),
-        ("10.16.1", True, "fp16", [], 1 << 1, True),
-        ("10.16.1", True, "fp32", [("clear_flag", "TF32")], 0, False),
-        ("10.0.1", False, "fp16", [("set_flag", "FP16")], 0, False),
+        ("11.4.0", "fp16", False, [], 1 << 0, True),
+        ("11.4.0", "fp32", False, [("clear_flag", "TF32")], 1 << 0, True),
+        ("10.16.1", "fp16", False, [], 1 << 1, True),
+        ("10.16.1", "fp32", False, [("clear_flag", "TF32")], 0, False),
+        ("10.0.0", "fp16", False, [], 1 << 1, True),  # the first 10.x has STRONGLY_TYPED already
+        ("10.16.1", "fp16", True, [("set_flag", "VERSION_COMPATIBLE")], 1 << 1, True),
+        ("11.4.0", "fp32", True, [("clear_flag", "TF32"), ("set_flag", "VERSION_COMPATIBLE")], 1 << 0, True),
     ],
 )
 def test_build_engine_calls_per_tensorrt_version(
-    tmp_path, monkeypatch, version, strongly_typed_flag, precision, flags, network_flags, strong
+    tmp_path, monkeypatch, version, precision, version_compatible, flags, network_flags, strong
 ):
     """The build code run against a recording stand-in of the tensorrt module (see fake_tensorrt)."""
-    fake = fake_tensorrt.make(version, strongly_typed_flag=strongly_typed_flag)
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "stand-in GPU")
-    onnx_path, cache = tmp_path / "m.onnx", tmp_path / "timing.cache"
-    onnx_path.write_bytes(b"graph")
-    cache.write_bytes(b"cache")
-    spec = trt_build.EngineSpec(
-        onnx_path, tmp_path / "m.plan", "pixel_values", (3, 32, 32), metadata.BatchProfile(1, 4, 8), precision
-    )
+    fake, spec = _fake_build(monkeypatch, tmp_path, version, precision, version_compatible=version_compatible)
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(fake_tensorrt.CACHE_MAGIC + b"tuned before")
     build = trt_build.build_engine(spec, cache)
-    assert (build.strongly_typed, build.tensorrt_version, build.gpu) == (strong, version, "stand-in GPU")
+    assert (build.strongly_typed, build.version_compatible) == (strong, version_compatible)
+    assert (build.tensorrt_version, build.gpu) == (version, "stand-in GPU")
     assert spec.plan.read_bytes() == b"PLAN"
-    assert cache.read_bytes() == b"cache+tuned"
+    assert cache.read_bytes() == fake_tensorrt.CACHE_MAGIC + b"tuned before" + fake_tensorrt.TUNED
     assert fake.calls == [
         ("create_network", network_flags),
-        ("parse_from_file", str(onnx_path)),
+        ("parse_from_file", str(spec.onnx)),
         *flags,
         ("set_shape", "pixel_values", (1, 3, 32, 32), (4, 3, 32, 32), (8, 3, 32, 32)),
         ("add_optimization_profile",),
-        ("create_timing_cache", b"cache"),
+        ("create_timing_cache", fake_tensorrt.CACHE_MAGIC + b"tuned before"),
+        ("set_timing_cache", fake_tensorrt.CACHE_MAGIC + b"tuned before"),
         ("build_serialized_network",),
     ]
-    onnx_path.write_bytes(b"")  # the stand-in's parser rejects empty files
+    assert ("--versionCompatible" in trt_build.trtexec_command(spec)) == version_compatible
+    spec.onnx.write_bytes(b"")  # the stand-in's parser rejects empty files
     with pytest.raises(
         trt_build.TensorRTBuildError, match=r"could not parse .*m.onnx:\nModelImporter: empty file"
     ):
         trt_build.build_engine(spec, None)
+
+
+@pytest.mark.parametrize(
+    ("stored", "tried"),
+    [
+        (b"written by another TensorRT", []),  # create_timing_cache returns None
+        (fake_tensorrt.OTHER_DEVICE_CACHE, [("set_timing_cache", fake_tensorrt.OTHER_DEVICE_CACHE)]),  # False
+    ],
+)
+def test_unusable_timing_cache_starts_a_new_one(tmp_path, monkeypatch, capsys, stored, tried):
+    fake, spec = _fake_build(monkeypatch, tmp_path, "10.16.1")
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(stored)
+    trt_build.build_engine(spec, cache)
+    cache_calls = [c for c in fake.calls if "timing_cache" in c[0]]
+    assert cache_calls == [
+        ("create_timing_cache", stored),
+        *tried,
+        ("create_timing_cache", b""),
+        ("set_timing_cache", fake_tensorrt.CACHE_MAGIC),
+    ]
+    assert f"timing cache {cache} is unreadable or from another device or version" in capsys.readouterr().err
+    assert cache.read_bytes() == fake_tensorrt.CACHE_MAGIC + fake_tensorrt.TUNED  # the new one, written back
+
+
+def test_refused_profiles_are_build_errors(tmp_path, monkeypatch):
+    # set_shape raises RuntimeError (here for a negative dimension); add_optimization_profile
+    # returns -1: both become TensorRTBuildError naming the input and the shapes.
+    fake, spec = _fake_build(monkeypatch, tmp_path, "11.4.0", input_shape=(3, -1, 32))
+    with pytest.raises(
+        trt_build.TensorRTBuildError,
+        match=r"refused the profile .* of 'pixel_values': Shape provided for min",
+    ):
+        trt_build.build_engine(spec, None)
+    fake, spec = _fake_build(monkeypatch, tmp_path, "10.16.1")
+    fake.refuse_profiles = True
+    with pytest.raises(
+        trt_build.TensorRTBuildError, match=r"refused the optimization profile .* 'pixel_values'"
+    ):
+        trt_build.build_engine(spec, None)
+    assert ("build_serialized_network",) not in fake.calls
+
+
+@pytest.mark.filterwarnings("ignore::nvclip_fast.models.RandomWeightsWarning")
+def test_cli_version_compatible_reaches_the_trtexec_lines(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(trt_build, "unavailable_reason", lambda: "stand-in: no TensorRT here")
+    out = tmp_path / "m.plan"
+    argv = ["export", "tiny-clip", "-o", str(out), "--random-weights", "--no-text", "--no-verify"]
+    assert cli.main([*argv, "--version-compatible"]) == cli.EXIT_NO_TENSORRT
+    (command,) = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert command[-1] == "--versionCompatible"
+    assert cli.main(argv) == cli.EXIT_NO_TENSORRT
+    assert "--versionCompatible" not in capsys.readouterr().out
 
 
 @pytest.mark.tensorrt
@@ -446,3 +511,46 @@ def test_tensorrt_plans_match_open_clip(tmp_path, precision):
         timing_cache=cache,
     )
     assert again.has_plans
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("version_compatible", [False, True])
+def test_plan_runs_natively_in_a_fresh_process(tmp_path, version_compatible):
+    """`pip install tensorrt` puts libnvinfer in site-packages/tensorrt_libs/: a process that never
+    imports tensorrt still finds it and runs the plan natively (a version-compatible plan too, with
+    the full runtime)."""
+    import nvclip_fast
+
+    if not nvclip_fast.build_info()["tensorrt"]:
+        pytest.skip("this nvclip_fast was built without TensorRT headers: no native TensorRT engine")
+    checkpoint = tiny_models.save_checkpoint(tiny_models.random_model("tiny-clip", seed=9), tmp_path / "c.pt")
+    plan = tmp_path / "m.plan"
+    meta = exporter.export(
+        "tiny-clip",
+        plan,
+        weights=checkpoint,
+        max_batch=MAX_BATCH,
+        text=False,
+        version_compatible=version_compatible,
+        quiet=True,
+    )
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import numpy as np
+        from nvclip_fast import Encoder, trt_library
+        library = trt_library.load()
+        with Encoder({str(plan)!r}) as enc:
+            rows = enc.embed([np.full((40, 50, 3), 7, np.uint8), np.zeros((30, 20), np.uint8)])
+        norms = np.linalg.norm(rows, axis=1).tolist()
+        imported = "tensorrt" in sys.modules
+        print(json.dumps({{"kind": library.kind, "shape": rows.shape, "norms": norms, "imported": imported}}))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout.splitlines()[-1])
+    assert (found["kind"], found["shape"], found["imported"]) == ("full", [2, meta.embed_dim], False)
+    assert found["norms"] == pytest.approx([1.0, 1.0], abs=1e-3)

@@ -157,6 +157,48 @@ def test_an_encoder_the_server_gives_per_request_is_checked(tiny_clip_bundles, s
         assert "weights_sha256 differs" in response.json()["detail"]
 
 
+def test_serve_with_a_collection_answers_searches_beside_embeddings(tiny_clip_bundles, served, tmp_path):
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("prometheus_client")  # the serve extra
+    from urllib.parse import urlparse
+
+    from server_process import ServerProcess, serve_command, serving
+
+    collection, enc, _ = served
+    bundle_a, bundle_b = tiny_clip_bundles
+    common = ("--device", "cpu", "--threads", "1", "--collection", str(collection.path))
+    with serving(serve_command("-m", str(bundle_a), *common), tmp_path / "a.log") as server:
+        client = server.client()
+        reply = client.post("/v1/search", {"text": "a cat", "k": 3})
+        assert reply.status == 200, reply.body
+        hits = collection.search(text="a cat", k=3, encoder=enc)
+        assert [d["id"] for d in reply.json()["data"]] == [h.id for h in hits]
+        thumbnail = client.get(urlparse(reply.json()["data"][0]["thumbnail"]).path)
+        assert thumbnail.status == 200
+        assert thumbnail.headers["content-type"] == "image/jpeg"
+        page = client.get("/")
+        assert page.status == 200
+        assert b"Search the collection" in page.body
+        assert client.embed(["a cat"]).status == 200  # the embeddings API is still there
+        client.close()
+    # another model than the collection's: refused when it loads, the server exits 1 naming the field
+    other = ServerProcess(serve_command("-m", str(bundle_b), *common), tmp_path / "b.log")
+    assert other.wait_exit() == 1
+    other.stop()
+    assert "weights_sha256 differs" in other.output()
+
+
+def test_serve_refuses_an_unusable_collection_or_index(tmp_path, capsys):
+    from nvclip_fast import cli
+
+    (tmp_path / "m.onnx").write_bytes(b"")
+    model = ["serve", "-m", str(tmp_path / "m.onnx"), "--port", "0"]
+    assert cli.main([*model, "--collection", str(tmp_path / "missing.parquet")]) == cli.EXIT_USAGE
+    assert "missing.parquet: no such file or folder" in capsys.readouterr().err
+    assert cli.main([*model, "--index", str(tmp_path / "i.faiss")]) == cli.EXIT_USAGE
+    assert "--index needs --collection" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------
 # The page in a real browser
 

@@ -112,3 +112,53 @@ def test_report_from_a_benchmark_json(tmp_path):
     assert report["ratios"][0]["ratio"] == pytest.approx(3.0)
     assert report["ratios"][0]["met"] is True
     assert "ours / peer = 3.00x" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_queue_stats_info_histogram_of_the_run():
+    before = {"batches": 3, "images": 300, "batch_sizes": {128: 2, 44: 1}}
+    after = {"batches": 8, "images": 812, "batch_sizes": {128: 6, 44: 1, 1: 1}, "queued_images": 0}
+    info = tp.queue_stats_info(before, after)
+    assert info == {"mean_batch": 102.4, "batch_sizes": {"1": 1, "128": 4}, "queued_images": 0}
+    json.dumps(info)  # it goes into pytest-benchmark's JSON
+
+
+def test_queue_stats_info_says_when_the_queue_does_not_count_batch_sizes():
+    info = tp.queue_stats_info({"batches": 0, "images": 0}, {"batches": 2, "images": 256})
+    assert info["mean_batch"] == 128
+    assert "batch_sizes" not in info
+    assert (
+        info["batch_sizes_note"]
+        == "Encoder.stats() has no 'batch_sizes': this queue does not count batch sizes"
+    )
+
+
+@pytest.mark.parametrize(
+    ("copy_s", "kernel_s", "both_s", "overlap"),
+    [
+        (4.0, 2.0, 4.0, 1.0),
+        (4.0, 2.0, 6.0, 0.0),
+        (4.0, 2.0, 5.0, 0.5),
+        (4.0, 2.0, 7.0, 0.0),
+        (2.0, 2.0, 1.5, 1.0),
+    ],
+)
+def test_overlap_ratio(copy_s, kernel_s, both_s, overlap):
+    assert tp.overlap_ratio(copy_s, kernel_s, both_s) == pytest.approx(overlap)
+
+
+def test_summary_shows_batch_sizes_overlap_and_context_memory():
+    rows = [
+        tp.Row("q", "e2e", 700.0, info={"mean_batch": 120.0, "batch_sizes": {"64": 1, "128": 9}}),
+        tp.Row("q", "cpu", 70.0, info={"mean_batch": 32.0, "batch_sizes_note": "no counters"}),
+        tp.Row(
+            "k", "pinned", 9e4, info={"copy_ms": 4.0, "kernel_ms": 2.0, "pipelined_ms": 5.0, "overlap": 0.5}
+        ),
+        tp.Row("t", "trt", 900.0, info={"context_memory_mib": 1536.25}),
+    ]
+    lines = tp.summary_lines(rows)
+    assert "q: e2e: batch sizes {64: 1, 128: 9}, mean 120.0" in lines
+    assert "q: cpu: batch sizes {no counters}, mean 32.0" in lines
+    assert any(
+        line.startswith("k: pinned: copy/kernel overlap 0.50 (copy 4.00 ms, kernel 2.00 ms") for line in lines
+    )
+    assert "t: trt: each execution context (stream slot) allocates 1,536.2 MiB of device memory" in lines

@@ -7,7 +7,7 @@ import json
 import shlex
 import sys
 
-from . import _C, __version__, build_info, metadata
+from . import _C, __version__, build_info, metadata, server
 from .collection_cli import add_collection_parsers
 from .embed_files import CHECKPOINT_ROWS, DTYPES, classify_files, embed_files, write_predictions
 from .probe import LinearProbe
@@ -58,6 +58,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             text=args.text,
             verify=args.verify,
             timing_cache=args.timing_cache,
+            version_compatible=args.version_compatible,
         )
     except WeightsRequiredError as e:
         return fail(f"{e}. Refusing to export random embeddings by accident.", EXIT_USAGE)
@@ -115,6 +116,11 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
     p.add_argument(
         "--timing-cache", metavar="FILE", help="TensorRT timing cache, read if present and updated"
+    )
+    p.add_argument(
+        "--version-compatible",
+        action="store_true",
+        help="build plans that later TensorRT versions (same major) and the lean/dispatch runtimes run",
     )
     p.set_defaults(run=_cmd_export)
 
@@ -268,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_cmd_info)
     _add_export_parser(sub)
     _add_embed_parsers(sub)
+    server.add_parser(sub)
     add_collection_parsers(sub)
     return parser
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _C, metadata
+from . import _C, metadata, trt_library
 from ._C import EngineError
 from .images import (
     DECODE_AHEAD_PER_THREAD,
@@ -606,7 +606,7 @@ def _load_bundle(path: Path, kind: str, index: int, threads: int | None) -> _Tow
             raise ValueError(f"{path}: TensorRT plans run on CUDA devices; use the .onnx with device='cpu'")
 
         def make(p: Path, tower: str) -> _C.Engine:
-            return _C.TrtEngine(p, device=index)
+            return _C.TrtEngine(p, device=index, search_dirs=trt_library.search_dirs())
     else:
         if kind == "auto":
             from .engines import cuda_provider_available

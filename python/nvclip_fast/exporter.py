@@ -419,6 +419,7 @@ def export(
     text: bool = True,
     verify: bool = True,
     timing_cache: str | Path | None = None,
+    version_compatible: bool = False,
     *,
     seed: int = models.DEFAULT_SEED,
     cache_dir: str | None = None,
@@ -430,7 +431,9 @@ def export(
     ``random_weights`` (tests only) is required. Returns the sidecar as written. Raises
     ``ParityError`` when ``verify`` and an output misses the gate, and, for a ``.plan`` target where
     TensorRT cannot build, ``trt_build.TensorRTUnavailableError`` *after* writing the ONNX files and
-    the sidecar (its ``commands`` are the equivalent ``trtexec`` lines).
+    the sidecar (its ``commands`` are the equivalent ``trtexec`` lines). ``version_compatible``
+    builds plans that later TensorRT versions of the same major and the lean and dispatch runtimes
+    also run (TensorRT's VERSION_COMPATIBLE flag).
     """
     if precision not in metadata.PRECISIONS:
         raise ValueError(f"precision must be one of {list(metadata.PRECISIONS)}, got {precision!r}")
@@ -498,7 +501,7 @@ def export(
     meta = metadata.save(meta, paths.sidecar)
     progress(f"wrote {paths.sidecar.name}")
     if paths.build_plans:
-        meta = _build_plans(meta, paths, towers, precision, cache_path, inputs, progress)
+        meta = _build_plans(meta, paths, towers, precision, version_compatible, cache_path, inputs, progress)
     progress("done")
     return meta
 
@@ -508,6 +511,7 @@ def _build_plans(
     paths: BundlePaths,
     towers: Sequence[str],
     precision: str,
+    version_compatible: bool,
     cache_path: Path | None,
     inputs: _ParityInputs | None,
     progress: _Progress,
@@ -520,6 +524,7 @@ def _build_plans(
             input_shape=tuple(int(d) for d in meta.towers[tower].input.shape[1:]),
             batch=meta.towers[tower].batch,
             precision=precision,
+            version_compatible=version_compatible,
         )
         for tower in towers
     }
@@ -534,7 +539,8 @@ def _build_plans(
         builds[tower] = trt_build.build_engine(spec, cache_path)
         progress(
             f"built {_size(spec.plan)} in {builds[tower].seconds:.1f}s "
-            f"(strongly typed: {builds[tower].strongly_typed})"
+            f"(strongly typed: {builds[tower].strongly_typed}, "
+            f"version-compatible: {builds[tower].version_compatible})"
         )
     verification = list(meta.verification)
     if inputs is not None:

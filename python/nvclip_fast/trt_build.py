@@ -5,10 +5,18 @@
 
 Precision follows the ONNX graph. fp16 graphs (open_clip ``precision='fp16'``: fp16 weights with
 fp32 casts around every LayerNorm and the final L2 normalization) are built as *strongly typed*
-networks: the only kind TensorRT 11 builds, and on 10.x the way to keep those fp32 islands in fp32
-(weak typing with the FP16 flag may run them in fp16, the LayerNorm / L2-normalize overflow traps of
-NVIDIA/TensorRT#2781 and #1954). Where a 10.x build lacks the STRONGLY_TYPED flag, the FP16 builder
-flag is used instead. fp32 graphs build with TF32 off, so "fp32" means fp32.
+networks (the STRONGLY_TYPED network flag, in every 10.x and 11.x): the only kind TensorRT 11
+builds, and on 10.x the way to keep those fp32 islands in fp32 (weak typing with the FP16 flag may
+run them in fp16, the LayerNorm / L2-normalize overflow traps of NVIDIA/TensorRT#2781 and #1954).
+fp32 graphs build with TF32 off, so "fp32" means fp32.
+
+A *version-compatible* plan (``EngineSpec.version_compatible``: the VERSION_COMPATIBLE builder
+flag, trtexec's ``--versionCompatible``) also runs with later TensorRT versions of the same major
+and with the lean and dispatch runtimes, which run nothing else; it may be slower.
+
+The ``tensorrt`` calls are checked the way the bindings fail: ``IOptimizationProfile.set_shape``
+raises RuntimeError, ``add_optimization_profile`` returns -1, ``create_timing_cache`` returns None
+for a cache it cannot read, ``build_serialized_network`` returns None.
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ class EngineSpec:
     input_shape: tuple[int, ...]  # without the batch axis
     batch: metadata.BatchProfile
     precision: str
+    version_compatible: bool = False
 
     def shape_at(self, batch: int) -> tuple[int, ...]:
         return (batch, *self.input_shape)
@@ -77,6 +86,7 @@ class EngineBuild:
     gpu: str
     seconds: float
     strongly_typed: bool
+    version_compatible: bool
 
 
 def unavailable_reason() -> str | None:
@@ -114,6 +124,8 @@ def trtexec_command(spec: EngineSpec, timing_cache: Path | None = None) -> list[
     ]
     # --stronglyTyped: opt-in on 10.x, always on (the flag accepted) on 11.x.
     cmd.append("--stronglyTyped" if spec.precision == "fp16" else "--noTF32")
+    if spec.version_compatible:
+        cmd.append("--versionCompatible")
     if timing_cache is not None:
         cmd.append(f"--timingCacheFile={timing_cache}")
     return cmd
@@ -165,12 +177,8 @@ def build_engine(spec: EngineSpec, timing_cache: Path | None = None) -> EngineBu
     start = time.perf_counter()
     logger = _logger(trt)
     builder = trt.Builder(logger)
-    flags = 0
-    strongly_typed = _major(trt) >= TRT11_MAJOR
-    if spec.precision == "fp16" and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        strongly_typed = True
-    if strongly_typed:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    strongly_typed = _major(trt) >= TRT11_MAJOR or spec.precision == "fp16"
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(spec.onnx)):
@@ -178,23 +186,25 @@ def build_engine(spec: EngineSpec, timing_cache: Path | None = None) -> EngineBu
         raise TensorRTBuildError(f"TensorRT could not parse {spec.onnx}:\n{errors}\n{logger.tail()}")
 
     config = builder.create_builder_config()
-    if spec.precision == "fp16" and not strongly_typed:
-        config.set_flag(trt.BuilderFlag.FP16)  # 10.x without strong typing
-    if spec.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+    if spec.precision == "fp32":
         config.clear_flag(trt.BuilderFlag.TF32)
+    if spec.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     profile = builder.create_optimization_profile()
     b = spec.batch
-    profile.set_shape(spec.input_name, spec.shape_at(b.min), spec.shape_at(b.opt), spec.shape_at(b.max))
-    config.add_optimization_profile(profile)
-
-    cache_blob = timing_cache.read_bytes() if timing_cache is not None and timing_cache.exists() else b""
-    cache = config.create_timing_cache(cache_blob)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        print(
-            f"[TensorRT] timing cache {timing_cache} is from another device or version: starting a new one",
-            file=sys.stderr,
+    shapes = (spec.shape_at(b.min), spec.shape_at(b.opt), spec.shape_at(b.max))
+    try:
+        profile.set_shape(spec.input_name, *shapes)
+    except RuntimeError as e:
+        raise TensorRTBuildError(
+            f"{spec.onnx}: TensorRT refused the profile {shapes} of '{spec.input_name}': {e}"
+        ) from e
+    if config.add_optimization_profile(profile) < 0:
+        raise TensorRTBuildError(
+            f"{spec.onnx}: TensorRT refused the optimization profile {shapes} of '{spec.input_name}':\n"
+            f"{logger.tail()}"
         )
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    _use_timing_cache(config, timing_cache)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -210,7 +220,27 @@ def build_engine(spec: EngineSpec, timing_cache: Path | None = None) -> EngineBu
         gpu=torch.cuda.get_device_name(),
         seconds=time.perf_counter() - start,
         strongly_typed=strongly_typed,
+        version_compatible=spec.version_compatible,
     )
+
+
+def _use_timing_cache(config: Any, path: Path | None) -> None:
+    """Attach the timing cache read from ``path`` (when it exists), or a new one when there is none,
+    TensorRT cannot read it (``create_timing_cache`` returns None), or it is from another device or
+    version (``set_timing_cache`` returns False)."""
+    blob = path.read_bytes() if path is not None and path.exists() else b""
+    cache = config.create_timing_cache(blob) if blob else None
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return
+    if blob:
+        print(
+            f"[TensorRT] timing cache {path} is unreadable or from another device or version: "
+            "starting a new one",
+            file=sys.stderr,
+        )
+    fresh = config.create_timing_cache(b"")
+    if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
+        raise TensorRTBuildError("TensorRT could not create a new timing cache")
 
 
 def run_engine(

@@ -1,5 +1,6 @@
 // Engine descriptions, and TrtEngine's behaviour where it can run here: error paths without a GPU
-// or TensorRT library, and the logger that turns TensorRT's messages into EngineErrors.
+// or TensorRT library, and the logger that turns TensorRT's messages into EngineErrors (its routing
+// per call: test_log_capture).
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -95,20 +96,23 @@ std::string temp_path(const char* name) {
 }
 }  // namespace
 
-TEST(trt_logger_collects_errors_and_keeps_recent_warnings) {
+TEST(trt_logger_routes_errors_to_the_call_and_keeps_recent_warnings) {
   TrtLogger logger;
   using Severity = nvinfer1::ILogger::Severity;
-  logger.log(Severity::kINFO, "progress");
-  logger.log(Severity::kVERBOSE, "chatter");
-  CHECK(logger.take_errors().empty());
-  logger.log(Severity::kERROR, "first");
-  logger.log(Severity::kINTERNAL_ERROR, "second");
-  logger.log(Severity::kERROR, nullptr);
-  CHECK_EQ(logger.take_errors(), std::string("first; second; (null message)"));
-  CHECK(logger.take_errors().empty());  // taken once
-  for (size_t i = 0; i < TrtLogger::kMaxWarnings + 10; ++i) logger.log(Severity::kWARNING, std::to_string(i).c_str());
+  {
+    LogCapture::Scope call(logger.capture());
+    logger.log(Severity::kINFO, "progress");
+    logger.log(Severity::kVERBOSE, "chatter");
+    CHECK(logger.capture().take_errors().empty());
+    logger.log(Severity::kERROR, "first");
+    logger.log(Severity::kINTERNAL_ERROR, "second");
+    logger.log(Severity::kERROR, nullptr);
+    CHECK_EQ(logger.capture().take_errors(), std::string("first; second; (null message)"));
+    CHECK(logger.capture().take_errors().empty());  // taken once
+  }
+  for (size_t i = 0; i < LogCapture::kMaxWarnings + 10; ++i) logger.log(Severity::kWARNING, std::to_string(i).c_str());
   const auto warnings = logger.warnings();
-  CHECK_EQ(warnings.size(), TrtLogger::kMaxWarnings);
+  CHECK_EQ(warnings.size(), LogCapture::kMaxWarnings);
   CHECK_EQ(warnings.front(), std::string("10"));  // the oldest were dropped
 }
 
@@ -126,7 +130,7 @@ TEST(trt_engine_without_gpu_raises_engine_error) {
     out << "not a TensorRT plan";
   }
   CHECK_THROWS(TrtEngine(path), EngineError, "cannot run TensorRT plan '" + path + "' on cuda:0");
-  CHECK_THROWS(TrtEngine(path, TrtEngineOptions{"", 3}), EngineError, "cuda:3");
+  CHECK_THROWS(TrtEngine(path, TrtEngineOptions{{}, 3}), EngineError, "cuda:3");
   std::remove(path.c_str());
 }
 
