@@ -117,6 +117,14 @@ def test_older_outputs_open_with_a_warning_and_need_a_model(tmp_path):
         assert c.ids() == ids
         with pytest.raises(CollectionError, match="has no provenance: give the query model"):
             c.search(text="a dog")
+    # what they stored is still checked: the model's name, size and preprocessing
+    with pytest.warns(UserWarning, match="no provenance stored"):
+        c = Collection.open(tmp_path / "old.parquet")
+    c.check_model(cf.provenance(DIM, model="ViT-S-32"))
+    with pytest.raises(ProvenanceError, match="model differs: 'ViT-S-32' vs 'synthetic'"):
+        c.check_model(cf.provenance(DIM))
+    with pytest.raises(ProvenanceError, match="makes 12-d embeddings"):
+        c.check_model(cf.provenance(12, model="ViT-S-32"))
     # what the older form gets wrong: a name with a newline shifts every id after it
     cf.write_npy(tmp_path / "bad.npy", ["a\nb.jpg", "c.jpg"], x[:2], None, legacy=True)
     with pytest.warns(UserWarning, match="no provenance"):

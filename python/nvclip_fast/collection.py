@@ -511,11 +511,9 @@ class Collection:
         else:  # an older output: compare what it stored
             stored = self.stored or {}
             mine = stored.get("model", "an unknown model")
-            mismatched = [f for f in LEGACY_FIELDS if f in stored and stored[f] != query.identity()[f]]
-            why = (
-                mismatched
-                and f"{mismatched[0]} differs: {stored[mismatched[0]]!r} vs {getattr(query, mismatched[0])!r}"
-            )
+            theirs = query.identity()
+            field = next((f for f in LEGACY_FIELDS if f in stored and stored[f] != theirs[f]), None)
+            why = field and f"{field} differs: {stored[field]!r} vs {theirs[field]!r}"
         if why:
             raise ProvenanceError(
                 f"the query model {query.model} is not the model of {self.path} ({mine}): {why}; "
