@@ -22,15 +22,15 @@ from typing import Any
 
 # --- targets (ratio = this row's images/s over the named row's, same group, same run) -----------------
 
-ISSUE_3 = "issue 3"
-ISSUE_5 = "issue 5"
-PREPROCESS_1_THREAD_VS_PILLOW = 5.0  # issue 3: one core >= 5x open_clip's Pillow pipeline
-PREPROCESS_2_THREADS_VS_1 = 1.8  # issue 3: 2 threads >= 1.8x one
-PREPROCESS_KERNEL_MIN_IMAGES_PER_S = 100_000.0  # issue 3: H100, inputs on the device
-PREPROCESS_PINNED_VS_COPY = 0.8  # issue 3: from pinned host memory within 80% of the H2D copy
-EMBED_CPU_VS_OPEN_CLIP = 1.5  # issue 5: Encoder(onnx) end to end >= 1.5x open_clip's pipeline
-QUEUE_CALLERS_VS_BATCHED = 0.8  # issue 5: 32 single-image callers >= 0.8x one batched caller
-EMBED_GPU_VS_MODEL_ONLY = 0.9  # issue 5: PyTorch engine end to end >= 0.9x model-only
+PREPROCESS_GOAL = "preprocessing goal"
+EMBED_GOAL = "embedding goal"
+PREPROCESS_1_THREAD_VS_PILLOW = 5.0  # one core >= 5x open_clip's Pillow pipeline
+PREPROCESS_2_THREADS_VS_1 = 1.8  # 2 threads >= 1.8x one
+PREPROCESS_KERNEL_MIN_IMAGES_PER_S = 100_000.0  # an H100, inputs on the device
+PREPROCESS_PINNED_VS_COPY = 0.8  # from pinned host memory within 80% of the H2D copy
+EMBED_CPU_VS_OPEN_CLIP = 1.5  # Encoder(onnx) end to end >= 1.5x open_clip's pipeline
+QUEUE_CALLERS_VS_BATCHED = 0.8  # 32 single-image callers >= 0.8x one batched caller
+EMBED_GPU_VS_MODEL_ONLY = 0.9  # PyTorch engine end to end >= 0.9x model-only
 
 # --- the work: vision-tower FLOPs per image (2 per multiply-add) --------------------------------------
 # Counted by torch.utils.flop_counter.FlopCounterMode on open_clip 3.3's encode_image at batch 1

@@ -2,11 +2,10 @@
 
 #include <algorithm>
 #include <cstring>
-#include <limits>
 #include <optional>
+#include <set>
 #include <stdexcept>
 
-#include "cuda_util.h"
 #include "errors.h"
 
 namespace nvclip {
@@ -15,354 +14,155 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// The queue whose worker or completion thread this is (nullptr elsewhere): close() and
-// Request::wait() from such a thread would wait for the thread itself.
+// The queue whose worker or completion thread this is (nullptr elsewhere): close() from such a
+// thread would wait for the thread itself.
 thread_local const BatchQueue* t_internal_queue = nullptr;
-thread_local bool t_completion_thread = false;
 
-// Quiet-NaN bit patterns: rows nobody wrote (failed images) read as NaN, never as plausible numbers.
-constexpr uint32_t kFloat32NaN = 0x7FC00000u;
-constexpr uint16_t kFloat16NaN = 0x7E00u;
-constexpr uint16_t kBFloat16NaN = 0x7FC0u;
+// Every BatchQueue of the process, for close_all().
+struct LiveQueues {
+  std::mutex mutex;
+  std::set<BatchQueue*> queues;
+};
 
-void fill_nan(uint8_t* data, size_t bytes, TensorDType dtype) {
-  switch (dtype) {
-    case TensorDType::kFloat32:
-      for (size_t i = 0; i + sizeof(kFloat32NaN) <= bytes; i += sizeof(kFloat32NaN)) {
-        std::memcpy(data + i, &kFloat32NaN, sizeof(kFloat32NaN));
-      }
-      break;
-    case TensorDType::kFloat16:
-    case TensorDType::kBFloat16: {
-      const uint16_t nan = dtype == TensorDType::kFloat16 ? kFloat16NaN : kBFloat16NaN;
-      for (size_t i = 0; i + sizeof(nan) <= bytes; i += sizeof(nan)) std::memcpy(data + i, &nan, sizeof(nan));
-      break;
-    }
-    default:
-      std::memset(data, 0, bytes);
-  }
+LiveQueues& live_queues() {
+  static LiveQueues live;
+  return live;
 }
 
-void validate_image(const ImageView& v, int64_t i) {
-  const std::string where = "image " + std::to_string(i) + ": ";
-  if (v.data == nullptr) throw std::invalid_argument(where + "null data pointer");
-  if (v.height <= 0 || v.width <= 0) {
-    throw std::invalid_argument(where + "height and width must be > 0, got " + std::to_string(v.height) +
-                                "x" + std::to_string(v.width));
-  }
-  if (v.channels != 1 && v.channels != 3) {
-    throw std::invalid_argument(where + "expected 1 (gray) or 3 (RGB) channels, got " +
-                                std::to_string(v.channels));
-  }
-  const int64_t row = static_cast<int64_t>(v.width) * v.channels;
-  if (v.row_stride < row) {
-    throw std::invalid_argument(where + "row_stride " + std::to_string(v.row_stride) +
-                                " is smaller than width * channels = " + std::to_string(row));
-  }
+std::string tensor_names(const std::vector<TensorSpec>& specs) {
+  std::string names;
+  for (const auto& s : specs) names += (names.empty() ? "" : ", ") + s.name;
+  return names;
 }
 
-// Runs one step of a batch; prefixes its error with the step, so a failed request says what failed.
-template <typename Fn>
-void step(const std::string& what, Fn&& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    throw EngineError(what + " failed: " + e.what());
+// The stage writes the engine's one input, [B, 3, S, S] in float32 or float16, on the engine's
+// device. Returns the dtype it writes.
+OutputDType check_stage(const EngineInfo& info, const PreprocessStage& stage) {
+  if (info.inputs.size() != 1) {
+    throw std::invalid_argument("BatchQueue feeds exactly one input tensor (the images); the engine has " +
+                                std::to_string(info.inputs.size()) + ": " + tensor_names(info.inputs));
   }
+  const TensorSpec& in = info.inputs[0];
+  const int32_t size = stage.size();
+  if (in.shape.size() != 4 || in.shape[1] != 3 || in.shape[2] != size || in.shape[3] != size) {
+    throw std::invalid_argument("engine input " + in.to_string() + " does not match the preprocess stage " +
+                                stage.name() + ", which writes [batch, 3, " + std::to_string(size) + ", " +
+                                std::to_string(size) + "]");
+  }
+  if (in.dtype != TensorDType::kFloat32 && in.dtype != TensorDType::kFloat16) {
+    throw std::invalid_argument("engine input " + in.to_string() + ": the preprocess stage writes float32 or "
+                                "float16, not " + dtype_name(in.dtype));
+  }
+  const OutputDType dtype = in.dtype == TensorDType::kFloat16 ? OutputDType::kFloat16 : OutputDType::kFloat32;
+  if (!stage.supports(dtype)) {
+    throw std::invalid_argument("preprocess stage " + stage.name() + " cannot write " + dtype_name(in.dtype) +
+                                " (engine input " + in.to_string() + ")");
+  }
+  if (stage.device() != info.device) {
+    throw std::invalid_argument(std::string("preprocess stage ") + stage.name() + " runs on " +
+                                device_kind_name(stage.device()) + " but the engine runs on " +
+                                device_kind_name(info.device));
+  }
+  return dtype;
+}
+
+// Checks everything before anything is allocated; returns the queue's batch size: options.max_batch,
+// or the engine's optimal batch.
+int64_t checked_max_batch(const std::shared_ptr<Engine>& engine, const std::shared_ptr<PreprocessStage>& stage,
+                          const BatchQueueOptions& options) {
+  if (!engine) throw std::invalid_argument("BatchQueue: engine is null");
+  if (!stage) throw std::invalid_argument("BatchQueue: preprocess stage is null");
+  check_stage(engine->info(), *stage);
+  if (options.streams < 1 || options.streams > kMaxStreams) {
+    throw std::invalid_argument("streams must be in [1, " + std::to_string(kMaxStreams) + "], got " +
+                                std::to_string(options.streams));
+  }
+  if (options.max_delay.count() < 0) {
+    throw std::invalid_argument("max_delay must be >= 0, got " + std::to_string(options.max_delay.count()) + " us");
+  }
+  if (options.staging_bytes != 0 && options.staging_bytes < kMinStagingBytes) {
+    throw std::invalid_argument("staging_bytes must be 0 (the default) or >= " + std::to_string(kMinStagingBytes) +
+                                ", got " + std::to_string(options.staging_bytes));
+  }
+  const BatchProfile batches = engine->info().call_batches();
+  const int64_t max_batch = options.max_batch == 0 ? std::min(batches.opt, kMaxBatchLimit) : options.max_batch;
+  if (max_batch < 1 || max_batch > batches.max || max_batch > kMaxBatchLimit) {
+    throw std::invalid_argument("max_batch must be in [1, " + std::to_string(std::min(batches.max, kMaxBatchLimit)) +
+                                "] (the engine's batch profile allows up to " + std::to_string(batches.max) +
+                                "), got " + std::to_string(options.max_batch));
+  }
+  return max_batch;
+}
+
+size_t output_index(const EngineInfo& info, const std::string& name) {
+  if (!name.empty()) return static_cast<size_t>(&info.output(name) - info.outputs.data());
+  if (info.outputs.size() != 1) {
+    throw std::invalid_argument("the engine has " + std::to_string(info.outputs.size()) + " outputs (" +
+                                tensor_names(info.outputs) + "): name the one to return (output=...)");
+  }
+  return 0;
+}
+
+size_t ring_bytes(const BatchQueueOptions& options, int64_t max_batch) {
+  if (options.staging_bytes != 0) return options.staging_bytes;
+  const auto batches = static_cast<size_t>(options.streams) + 1;
+  return std::max(kMinDefaultStagingBytes, batches * static_cast<size_t>(max_batch) * kTypicalImageBytes);
 }
 
 }  // namespace
 
-const char* request_status_name(RequestStatus status) {
-  switch (status) {
-    case RequestStatus::kPending: return "pending";
-    case RequestStatus::kOk: return "ok";
-    case RequestStatus::kFailed: return "failed";
-    case RequestStatus::kCancelled: return "cancelled";
-  }
-  return "unknown";
-}
-
 // ------------------------------------------------------------------------------------------------
-// Request
-
-Request::Request(uint64_t id, int64_t n, const TensorSpec& output, Callback callback)
-    : id_(id),
-      n_(n),
-      output_(output),
-      row_bytes_(output.row_bytes()),
-      rows_(n > 0 ? new uint8_t[static_cast<size_t>(n) * row_bytes_] : nullptr),
-      item_errors_(static_cast<size_t>(n)),
-      remaining_(n),
-      callback_(std::move(callback)) {
-  if (n > 0) fill_nan(rows_.get(), static_cast<size_t>(n) * row_bytes_, output.dtype);
-}
-
-bool Request::done() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return done_;
-}
-
-void Request::wait() const {
-  std::unique_lock<std::mutex> lock(mutex_);
-  if (done_) return;
-  if (t_completion_thread) {
-    throw EngineError("Request.wait() called from a completion callback: the callback runs on the "
-                      "thread that resolves requests, so this wait would never end");
-  }
-  done_cv_.wait(lock, [&] { return done_; });
-}
-
-bool Request::wait_for(std::chrono::nanoseconds timeout) const {
-  std::unique_lock<std::mutex> lock(mutex_);
-  if (done_) return true;
-  if (t_completion_thread) {
-    throw EngineError("Request.wait() called from a completion callback (it would wait for itself)");
-  }
-  return done_cv_.wait_for(lock, timeout, [&] { return done_; });
-}
-
-RequestStatus Request::status() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return done_ ? status_ : RequestStatus::kPending;
-}
-
-const std::string& Request::error() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  static const std::string kNone;
-  return done_ ? error_ : kNone;
-}
-
-void Request::require_done(const char* what) const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (!done_) throw EngineError(std::string(what) + " of request " + std::to_string(id_) + " read before it was done");
-}
-
-const uint8_t* Request::rows() const {
-  require_done("rows");
-  return rows_.get();
-}
-
-const std::vector<std::string>& Request::item_errors() const {
-  require_done("item_errors");
-  return item_errors_;
-}
-
-int64_t Request::failed_items() const {
-  require_done("failed_items");
-  return std::count_if(item_errors_.begin(), item_errors_.end(), [](const std::string& e) { return !e.empty(); });
-}
-
-void Request::fail(RequestStatus status, const std::string& message) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (status_ == RequestStatus::kPending) {
-    status_ = status;
-    error_ = message;
-  }
-}
-
-bool Request::finish_items(int64_t count) {
-  // acq_rel: rows and item errors written before this decrement are visible to whoever sees zero.
-  return remaining_.fetch_sub(count, std::memory_order_acq_rel) == count;
-}
-
-void Request::resolve() {
-  Callback callback;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (status_ == RequestStatus::kPending) status_ = RequestStatus::kOk;
-    done_ = true;
-    callback = std::move(callback_);
-    callback_ = nullptr;
-  }
-  done_cv_.notify_all();
-  if (callback) callback(shared_from_this());
-}
-
-// ------------------------------------------------------------------------------------------------
-// Items and slots
+// Items, construction
 
 struct BatchQueue::Item {
   std::shared_ptr<Request> request;
-  int64_t index = 0;    // row in the request
-  ImageView view;       // pixels in host staging, compact rows
-  StagingBlock block;   // the ring block (when !oversized)
-  HostBuffer own;       // an image larger than the ring: its own staging buffer
-  bool oversized = false;
-  size_t staged_bytes = 0;  // bytes the image occupies in staging (aligned)
-  bool filled = false;      // pixels copied in; guarded by mutex_
-  Clock::time_point ready;  // when it was filled: the batch delay counts from the oldest
+  int64_t index = 0;                  // row in the request
+  ImageView view;                     // pixels in host staging, compact rows
+  std::optional<StagingBlock> block;  // the ring block, until released
+  HostBuffer own;                     // an image larger than the ring: its own staging, until released
+  size_t staged_bytes = 0;            // bytes the image occupies in staging (aligned)
+  bool filled = false;                // pixels copied in; guarded by mutex_
+  Clock::time_point ready;            // when it was filled: the batch delay counts from the oldest
 };
-
-struct BatchQueue::Slot {
-  int32_t index = 0;
-  HostBuffer views;  // max_batch ImageViews handed to the stage (pinned for CUDA: copied H2D)
-  // CPU engines: input and outputs in host memory.
-  HostBuffer input;
-  std::vector<HostBuffer> outputs;
-#if NVCLIP_WITH_CUDA
-  cudaStream_t stream = nullptr;
-  DeviceBuffer staging;       // the batch's images
-  DeviceBuffer device_views;  // the views, for kernels
-  DeviceBuffer device_input;
-  std::vector<DeviceBuffer> device_outputs;
-  HostBuffer host_output;  // pinned: D2H target of the returned output
-  ~Slot() {
-    if (stream != nullptr) cudaStreamDestroy(stream);
-  }
-#endif
-  std::vector<const void*> input_ptrs;
-  std::vector<void*> output_ptrs;
-};
-
-// ------------------------------------------------------------------------------------------------
-// BatchQueue: construction
 
 BatchQueue::BatchQueue(std::shared_ptr<Engine> engine, std::shared_ptr<PreprocessStage> stage,
                        BatchQueueOptions options)
     : engine_(std::move(engine)),
       stage_(std::move(stage)),
       options_(std::move(options)),
-      ring_(std::max(options_.staging_bytes, kMinStagingBytes)) {
-  if (!engine_) throw std::invalid_argument("BatchQueue: engine is null");
-  if (!stage_) throw std::invalid_argument("BatchQueue: preprocess stage is null");
-  const EngineInfo& info = engine_->info();
-
-  // The stage writes the engine's one input: [B, 3, S, S] in float32 or float16.
-  if (info.inputs.size() != 1) {
-    std::string names;
-    for (const auto& s : info.inputs) names += (names.empty() ? "" : ", ") + s.name;
-    throw std::invalid_argument("BatchQueue feeds exactly one input tensor (the images); the engine has " +
-                                std::to_string(info.inputs.size()) + ": " + names);
-  }
-  const TensorSpec& in = info.inputs[0];
-  const int32_t size = stage_->size();
-  if (in.shape.size() != 4 || in.shape[1] != 3 || in.shape[2] != size || in.shape[3] != size) {
-    throw std::invalid_argument("engine input " + in.to_string() + " does not match the preprocess stage " +
-                                stage_->name() + ", which writes [batch, 3, " + std::to_string(size) + ", " +
-                                std::to_string(size) + "]");
-  }
-  if (in.dtype == TensorDType::kFloat32) {
-    input_dtype_ = OutputDType::kFloat32;
-  } else if (in.dtype == TensorDType::kFloat16) {
-    input_dtype_ = OutputDType::kFloat16;
-  } else {
-    throw std::invalid_argument("engine input " + in.to_string() + ": the preprocess stage writes float32 or "
-                                "float16, not " + dtype_name(in.dtype));
-  }
-  if (!stage_->supports(input_dtype_)) {
-    throw std::invalid_argument("preprocess stage " + stage_->name() + " cannot write " +
-                                dtype_name(in.dtype) + " (engine input " + in.to_string() + ")");
-  }
-  if (stage_->device() != info.device) {
-    throw std::invalid_argument(std::string("preprocess stage ") + stage_->name() + " runs on " +
-                                device_kind_name(stage_->device()) + " but the engine runs on " +
-                                device_kind_name(info.device));
-  }
-  if (options_.output.empty()) {
-    if (info.outputs.size() != 1) {
-      std::string names;
-      for (const auto& s : info.outputs) names += (names.empty() ? "" : ", ") + s.name;
-      throw std::invalid_argument("the engine has " + std::to_string(info.outputs.size()) +
-                                  " outputs (" + names + "): name the one to return (output=...)");
-    }
-    output_index_ = 0;
-  } else {
-    const TensorSpec& chosen = info.output(options_.output);
-    output_index_ = static_cast<size_t>(&chosen - info.outputs.data());
-  }
-
-  // Options.
-  if (options_.streams < 1 || options_.streams > kMaxStreams) {
-    throw std::invalid_argument("streams must be in [1, " + std::to_string(kMaxStreams) + "], got " +
-                                std::to_string(options_.streams));
-  }
-  if (options_.max_delay.count() < 0) {
-    throw std::invalid_argument("max_delay must be >= 0, got " + std::to_string(options_.max_delay.count()) + " us");
-  }
-  if (options_.staging_bytes < kMinStagingBytes) {
-    throw std::invalid_argument("staging_bytes must be >= " + std::to_string(kMinStagingBytes) + ", got " +
-                                std::to_string(options_.staging_bytes));
-  }
-  // A fixed batch dimension means every call runs exactly that many rows.
-  const int64_t fixed_batch = in.shape[0] > 0 ? in.shape[0] : 0;
-  const int64_t profile_max = fixed_batch ? fixed_batch : info.batch.max;
-  min_rows_ = fixed_batch ? fixed_batch : info.batch.min;
-  max_batch_ = options_.max_batch == 0 ? (fixed_batch ? fixed_batch : info.batch.opt) : options_.max_batch;
-  max_batch_ = options_.max_batch == 0 ? std::min(max_batch_, kMaxBatchLimit) : max_batch_;
-  if (max_batch_ < 1 || max_batch_ > profile_max || max_batch_ > kMaxBatchLimit) {
-    throw std::invalid_argument("max_batch must be in [1, " + std::to_string(std::min(profile_max, kMaxBatchLimit)) +
-                                "] (the engine's batch profile allows up to " + std::to_string(profile_max) +
-                                "), got " + std::to_string(options_.max_batch));
-  }
-  engine_rows_ = std::max(max_batch_, min_rows_);
-  input_row_bytes_ = in.row_bytes();
-  output_row_bytes_ = output().row_bytes();
-  const auto slots = static_cast<size_t>(options_.streams);
-
-  // Buffers, all allocated up front.
-  const bool cuda = info.device == DeviceKind::kCuda;
-#if NVCLIP_WITH_CUDA
-  std::optional<CudaDeviceScope> device;  // set-up on the engine's device; the caller's restored after
-  if (cuda) {
-    if (cuda_device_count() <= info.device_index) {
-      throw EngineError("the engine runs on cuda:" + std::to_string(info.device_index) +
-                        " but no such CUDA device is usable: " + cuda_unavailable_reason());
-    }
-    device.emplace(info.device_index);
-    host_kind_ = HostMemoryKind::kPinned;
-  }
-#else
-  if (cuda) {
-    throw EngineError("the engine runs on CUDA but this nvclip_fast was built without CUDA");
-  }
-#endif
+      max_batch_(checked_max_batch(engine_, stage_, options_)),
+      output_index_(output_index(engine_->info(), options_.output)),
+      output_row_bytes_(output().row_bytes()),
+      ring_(ring_bytes(options_, max_batch_)) {
+  SlotConfig slot;
+  slot.min_rows = engine_->info().call_batches().min;
+  slot.rows = std::max(max_batch_, slot.min_rows);
+  slot.output = static_cast<int64_t>(output_index_);
+  slot.stage = stage_;
+  slot.stage_dtype = check_stage(engine_->info(), *stage_);
   // Device staging per slot: the ring's share, so the device holds as much as the host ring.
-  slot_staging_bytes_ = align_up(ring_.capacity() / slots, kBufferAlignment);
-  ring_memory_ = HostBuffer(ring_.capacity(), host_kind_);
-  for (size_t s = 0; s < slots; ++s) {
-    auto slot = std::make_unique<Slot>();
-    slot->index = static_cast<int32_t>(s);
-    slot->views = HostBuffer(static_cast<size_t>(max_batch_) * sizeof(ImageView), host_kind_);
-    const auto rows = static_cast<size_t>(engine_rows_);
-    if (!cuda) {
-      slot->input = HostBuffer(rows * input_row_bytes_, HostMemoryKind::kAligned);
-      std::memset(slot->input.data(), 0, slot->input.size());  // padding rows read as zeros
-      slot->input_ptrs.push_back(slot->input.data());
-      for (const auto& spec : info.outputs) {
-        slot->outputs.emplace_back(rows * spec.row_bytes(), HostMemoryKind::kAligned);
-        slot->output_ptrs.push_back(slot->outputs.back().data());
-      }
-    }
-#if NVCLIP_WITH_CUDA
-    if (cuda) {
-      NVCLIP_CUDA_CHECK(cudaStreamCreateWithFlags(&slot->stream, cudaStreamNonBlocking));
-      slot->staging = DeviceBuffer(slot_staging_bytes_);
-      slot->device_views = DeviceBuffer(static_cast<size_t>(max_batch_) * sizeof(ImageView));
-      slot->device_input = DeviceBuffer(rows * input_row_bytes_);
-      NVCLIP_CUDA_CHECK(cudaMemset(slot->device_input.data(), 0, slot->device_input.size()));
-      slot->input_ptrs.push_back(slot->device_input.data());
-      for (const auto& spec : info.outputs) {
-        slot->device_outputs.emplace_back(rows * spec.row_bytes());
-        slot->output_ptrs.push_back(slot->device_outputs.back().data());
-      }
-      slot->host_output = HostBuffer(static_cast<size_t>(max_batch_) * output_row_bytes_, HostMemoryKind::kPinned);
-    }
-#endif
-    slots_.push_back(std::move(slot));
-  }
+  slot.staging_bytes = align_up(ring_.capacity() / static_cast<size_t>(options_.streams), kBufferAlignment);
+  for (slot.index = 0; slot.index < options_.streams; ++slot.index) slots_.push_back(make_slot_runner(engine_, slot));
+  batch_bytes_limit_ = slots_.front()->staging_capacity();
+  ring_memory_ = HostBuffer(ring_.capacity(), slots_.front()->host_memory());
 
   engine_->attach(options_.streams);
   try {
     completion_thread_ = std::thread([this] { completion_main(); });
-    for (auto& slot : slots_) workers_.emplace_back([this, s = slot.get()] { worker_main(*s); });
+    for (auto& s : slots_) workers_.emplace_back([this, runner = s.get()] { worker_main(*runner); });
   } catch (...) {
     close(CloseMode::kCancel);  // joins whatever started
     throw;
   }
+  std::lock_guard<std::mutex> lock(live_queues().mutex);
+  live_queues().queues.insert(this);
 }
 
 BatchQueue::~BatchQueue() {
+  {
+    std::lock_guard<std::mutex> lock(live_queues().mutex);  // waits for a close_all() in progress
+    live_queues().queues.erase(this);
+  }
   try {
     close(CloseMode::kCancel);
   } catch (...) {
@@ -377,7 +177,11 @@ BatchQueue::~BatchQueue() {
 std::shared_ptr<Request> BatchQueue::submit(const ImageView* images, int64_t n, Request::Callback callback) {
   if (n < 0) throw std::invalid_argument("submit: n must be >= 0, got " + std::to_string(n));
   if (n > 0 && images == nullptr) throw std::invalid_argument("submit: images is null");
-  for (int64_t i = 0; i < n; ++i) validate_image(images[i], i);
+  for (int64_t i = 0; i < n; ++i) {
+    if (const std::string why = image_view_error(images[i]); !why.empty()) {
+      throw std::invalid_argument("image " + std::to_string(i) + ": " + why);
+    }
+  }
 
   std::shared_ptr<Request> request;
   {
@@ -418,7 +222,7 @@ std::shared_ptr<Request> BatchQueue::submit(const ImageView* images, int64_t n, 
           break;
         }
         if (fits) {
-          item->block = *block;
+          item->block = block;
           item->staged_bytes = block->size;
           item->view.data = ring_memory_.data() + block->offset;
           queued = item.get();
@@ -431,7 +235,7 @@ std::shared_ptr<Request> BatchQueue::submit(const ImageView* images, int64_t n, 
         // Larger than the whole ring: stage it in its own buffer (allocated now, freed when its batch
         // is done), so any image works while memory stays bounded by the ring + one image.
         try {
-          item->own = HostBuffer(bytes, host_kind_);
+          item->own = HostBuffer(bytes, ring_memory_.kind());
         } catch (const std::exception& e) {
           {
             std::lock_guard<std::mutex> lock(mutex_);
@@ -447,7 +251,6 @@ std::shared_ptr<Request> BatchQueue::submit(const ImageView* images, int64_t n, 
           }
           continue;
         }
-        item->oversized = true;
         item->staged_bytes = align_up(bytes, kBufferAlignment);
         item->view.data = item->own.data();
       }
@@ -510,7 +313,6 @@ void BatchQueue::fail_unstaged(const std::shared_ptr<Request>& request, int64_t 
 // Batch formation and execution (slot workers)
 
 bool BatchQueue::take_batch(Batch& batch, bool& cancelled) {
-  const bool cuda = device() == DeviceKind::kCuda;
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {
     if (pending_.empty() || !pending_.front()->filled) {
@@ -518,13 +320,13 @@ bool BatchQueue::take_batch(Batch& batch, bool& cancelled) {
       work_cv_.wait(lock);
       continue;
     }
-    // The filled prefix, up to max_batch images and (CUDA) the slot's device staging.
+    // The filled prefix, up to max_batch images and a slot's staging (CUDA: device staging).
     int64_t count = 0;
     size_t bytes = 0;
     bool full = false;
     for (const auto& item : pending_) {
       if (!item->filled) break;
-      if (count == max_batch_ || (cuda && count > 0 && bytes + item->staged_bytes > slot_staging_bytes_)) {
+      if (count == max_batch_ || (count > 0 && bytes + item->staged_bytes > batch_bytes_limit_)) {
         full = true;
         break;
       }
@@ -549,20 +351,12 @@ bool BatchQueue::take_batch(Batch& batch, bool& cancelled) {
   }
 }
 
-void BatchQueue::worker_main(Slot& slot) {
+void BatchQueue::worker_main(SlotRunner& slot) {
   t_internal_queue = this;
-  std::string setup_error;
-#if NVCLIP_WITH_CUDA
-  if (device() == DeviceKind::kCuda) {
-    try {
-      NVCLIP_CUDA_CHECK(cudaSetDevice(engine_->info().device_index));
-    } catch (const std::exception& e) {
-      setup_error = e.what();  // every batch of this slot fails with it; the queue still resolves all
-    }
-  }
-#endif
   Batch batch;
+  std::vector<ImageView> views;
   std::vector<std::string> item_errors;
+  views.reserve(static_cast<size_t>(max_batch_));
   bool cancelled = false;
   while (take_batch(batch, cancelled)) {
     item_errors.assign(batch.size(), std::string());
@@ -571,12 +365,9 @@ void BatchQueue::worker_main(Slot& slot) {
     if (cancelled) {
       status = RequestStatus::kCancelled;
       error = "cancelled: BatchQueue.close(cancel) ran before this image was processed";
-    } else if (!setup_error.empty()) {
-      status = RequestStatus::kFailed;
-      error = setup_error;
     } else {
       try {
-        run_batch(slot, batch, item_errors);
+        run_batch(slot, batch, views, item_errors);
       } catch (const std::exception& e) {
         status = RequestStatus::kFailed;
         error = "batch of " + std::to_string(batch.size()) + " images failed: " + e.what();
@@ -585,138 +376,65 @@ void BatchQueue::worker_main(Slot& slot) {
         error = "batch of " + std::to_string(batch.size()) + " images failed: unknown exception";
       }
     }
-    finish_batch(slot, batch, status, error, item_errors);
+    finish_batch(batch, status, error, item_errors);
   }
 }
 
-void BatchQueue::run_batch(Slot& slot, const Batch& batch, std::vector<std::string>& item_errors) {
-#if NVCLIP_WITH_CUDA
-  if (device() == DeviceKind::kCuda) {
-    run_batch_cuda(slot, batch, item_errors);
-    return;
-  }
-#endif
-  run_batch_cpu(slot, batch, item_errors);
-}
-
-void BatchQueue::run_batch_cpu(Slot& slot, const Batch& batch, std::vector<std::string>& item_errors) {
-  const auto n = static_cast<int64_t>(batch.size());
-  auto* views = reinterpret_cast<ImageView*>(slot.views.data());
-  for (int64_t i = 0; i < n; ++i) views[i] = batch[static_cast<size_t>(i)]->view;
-  PreprocessBatch pre;
-  pre.images = views;
-  pre.n = n;
-  pre.out = slot.input.data();
-  pre.dtype = input_dtype_;
-  pre.item_errors = item_errors.data();
-  step("preprocess stage " + stage_->name(), [&] { stage_->run(pre); });
-  EngineCall call;
-  call.slot = slot.index;
-  call.batch = std::max(n, min_rows_);  // padded up to the engine's minimum (rows past n are unused)
-  call.inputs = slot.input_ptrs.data();
-  call.outputs = slot.output_ptrs.data();
-  step("engine", [&] { engine_->enqueue(call); });
-  const uint8_t* out = slot.outputs[output_index_].data();
-  for (int64_t i = 0; i < n; ++i) {
-    if (!item_errors[static_cast<size_t>(i)].empty()) continue;
-    const Item& item = *batch[static_cast<size_t>(i)];
-    std::memcpy(item.request->row(item.index), out + static_cast<size_t>(i) * output_row_bytes_, output_row_bytes_);
-  }
-}
-
-#if NVCLIP_WITH_CUDA
-void BatchQueue::run_batch_cuda(Slot& slot, const Batch& batch, std::vector<std::string>& item_errors) {
-  const auto n = static_cast<int64_t>(batch.size());
-  std::vector<StagedBlockRef> refs(batch.size());
-  for (size_t i = 0; i < batch.size(); ++i) refs[i] = {batch[i]->view.data, batch[i]->staged_bytes};
-  const CopyPlan plan = plan_staging_copies(refs.data(), refs.size());
-  // A batch exceeds the slot's staging only when it is one image bigger than the slot's share of
-  // the ring: give it a buffer of its own (cudaFree synchronizes the device; such images are rare).
-  DeviceBuffer overflow;
-  uint8_t* staging = slot.staging.data();
-  if (plan.total_bytes > slot.staging.size()) {
-    overflow = DeviceBuffer(plan.total_bytes);
-    staging = overflow.data();
-  }
-  auto* views = reinterpret_cast<ImageView*>(slot.views.data());
-  try {
-    for (const CopySpan& span : plan.spans) {
-      NVCLIP_CUDA_CHECK(cudaMemcpyAsync(staging + span.device_offset, span.host, span.bytes,
-                                        cudaMemcpyHostToDevice, slot.stream));
+void BatchQueue::run_batch(SlotRunner& slot, Batch& batch, std::vector<ImageView>& views,
+                           std::vector<std::string>& item_errors) {
+  views.clear();
+  for (const auto& item : batch) views.push_back(item->view);
+  SlotBatch job;
+  job.rows = static_cast<int64_t>(batch.size());
+  job.images = views.data();
+  job.item_errors = item_errors.data();
+  job.released = [&] { release_staging(batch); };
+  job.scatter = [&](const uint8_t* const* outputs) {
+    const uint8_t* out = outputs[output_index_];
+    for (size_t i = 0; i < batch.size(); ++i) {
+      if (!item_errors[i].empty()) continue;
+      Item& item = *batch[i];
+      std::memcpy(item.request->row(item.index), out + i * output_row_bytes_, output_row_bytes_);
     }
-    for (int64_t i = 0; i < n; ++i) {
-      views[i] = batch[static_cast<size_t>(i)]->view;
-      views[i].data = staging + plan.item_offsets[static_cast<size_t>(i)];
-    }
-    NVCLIP_CUDA_CHECK(cudaMemcpyAsync(slot.device_views.data(), views, static_cast<size_t>(n) * sizeof(ImageView),
-                                      cudaMemcpyHostToDevice, slot.stream));
-    PreprocessBatch pre;
-    pre.images = views;
-    pre.device_images = reinterpret_cast<const ImageView*>(slot.device_views.data());
-    pre.n = n;
-    pre.out = slot.device_input.data();
-    pre.dtype = input_dtype_;
-    pre.stream = slot.stream;
-    pre.item_errors = item_errors.data();
-    step("preprocess stage " + stage_->name(), [&] { stage_->run(pre); });
-    EngineCall call;
-    call.slot = slot.index;
-    call.batch = std::max(n, min_rows_);
-    call.inputs = slot.input_ptrs.data();
-    call.outputs = slot.output_ptrs.data();
-    call.stream = slot.stream;
-    step("engine", [&] { engine_->enqueue(call); });
-    NVCLIP_CUDA_CHECK(cudaMemcpyAsync(slot.host_output.data(), slot.device_outputs[output_index_].data(),
-                                      static_cast<size_t>(n) * output_row_bytes_, cudaMemcpyDeviceToHost,
-                                      slot.stream));
-    NVCLIP_CUDA_CHECK(cudaStreamSynchronize(slot.stream));
-  } catch (...) {
-    // Copies already enqueued may still read the staging ring and write slot buffers: wait for them
-    // before the ring blocks are released. Their own error, if any, is the one being reported.
-    cudaStreamSynchronize(slot.stream);
-    cudaGetLastError();
-    throw;
-  }
-  const uint8_t* out = slot.host_output.data();
-  for (int64_t i = 0; i < n; ++i) {
-    if (!item_errors[static_cast<size_t>(i)].empty()) continue;
-    const Item& item = *batch[static_cast<size_t>(i)];
-    std::memcpy(item.request->row(item.index), out + static_cast<size_t>(i) * output_row_bytes_, output_row_bytes_);
-  }
+  };
+  slot.run(job);
 }
-#else
-void BatchQueue::run_batch_cuda(Slot&, const Batch&, std::vector<std::string>&) {
-  throw EngineError("this nvclip_fast was built without CUDA");
-}
-#endif
 
-void BatchQueue::finish_batch(Slot& slot, Batch& batch, RequestStatus status, const std::string& error,
-                              const std::vector<std::string>& item_errors) {
-  (void)slot;
+void BatchQueue::release_staging(Batch& batch) {
   bool had_oversized = false;
   for (auto& item : batch) {
-    if (item->oversized) {
+    if (item->own.data() != nullptr) {
       item->own = HostBuffer();  // free before admitting the next oversized image
       had_oversized = true;
     }
   }
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (const auto& item : batch) {
-      if (!item->oversized) ring_.release(item->block);
+    for (auto& item : batch) {
+      if (item->block) ring_.release(*item->block);
+      item->block.reset();
     }
     if (had_oversized) oversized_in_use_ = false;
+  }
+  space_cv_.notify_all();
+}
+
+void BatchQueue::finish_batch(Batch& batch, RequestStatus status, const std::string& error,
+                              const std::vector<std::string>& item_errors) {
+  release_staging(batch);  // when the slot has not already
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
     const auto n = static_cast<int64_t>(batch.size());
     if (status == RequestStatus::kCancelled) {
       stats_.cancelled_images += static_cast<uint64_t>(n);
     } else {
       ++stats_.batches;
+      ++stats_.batch_sizes[n];
       stats_.images += static_cast<uint64_t>(n);
       stats_.failed_batches += status == RequestStatus::kFailed ? 1 : 0;
       stats_.largest_batch = std::max(stats_.largest_batch, n);
     }
   }
-  space_cv_.notify_all();
   std::vector<std::shared_ptr<Request>> ready;
   for (size_t i = 0; i < batch.size(); ++i) {
     Item& item = *batch[i];
@@ -746,7 +464,7 @@ void BatchQueue::complete(std::vector<std::shared_ptr<Request>>& ready) {
 
 void BatchQueue::completion_main() {
   t_internal_queue = this;
-  t_completion_thread = true;
+  Request::mark_completion_thread();
   for (;;) {
     std::vector<std::shared_ptr<Request>> group;
     {
@@ -762,11 +480,7 @@ void BatchQueue::completion_main() {
       stats_.requests += static_cast<uint64_t>(group.size());
     }
     uint64_t failures = 0;
-    bool any_callback = false;
-    for (const auto& r : group) {
-      std::lock_guard<std::mutex> lock(r->mutex_);
-      any_callback = any_callback || static_cast<bool>(r->callback_);
-    }
+    const bool any_callback = std::any_of(group.begin(), group.end(), [](const auto& r) { return r->has_callback(); });
     const auto run_group = [&] {
       for (auto& r : group) {
         try {
@@ -828,9 +542,17 @@ bool BatchQueue::closed() const {
   return closing_;
 }
 
+void BatchQueue::close_all(CloseMode mode) {
+  // Held throughout, so no queue is destroyed while it is being closed here.
+  std::lock_guard<std::mutex> lock(live_queues().mutex);
+  for (BatchQueue* queue : live_queues().queues) queue->close(mode);
+}
+
 BatchQueueStats BatchQueue::stats() const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return stats_;
+  BatchQueueStats stats = stats_;
+  stats.queued_images = static_cast<int64_t>(pending_.size());
+  return stats;
 }
 
 }  // namespace nvclip

@@ -122,6 +122,11 @@ const TensorSpec& EngineInfo::output(const std::string& name) const {
   throw std::invalid_argument("engine has no output named '" + name + "' (outputs: " + names + ")");
 }
 
+BatchProfile EngineInfo::call_batches() const {
+  const int64_t fixed = inputs.empty() ? kDynamicDim : inputs.front().shape.front();
+  return fixed > 0 ? BatchProfile{fixed, fixed, fixed} : batch;
+}
+
 Engine::Engine(EngineInfo info) { set_info(std::move(info)); }
 
 void Engine::set_info(EngineInfo info) {

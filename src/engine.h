@@ -70,6 +70,8 @@ struct EngineInfo {
   // !(1 <= min <= opt <= max), a fixed batch dimension outside the profile).
   void validate() const;
   const TensorSpec& output(const std::string& name) const;  // throws std::invalid_argument
+  // The batch sizes a call may run: the profile, or {F, F, F} when the first input has a fixed batch F.
+  BatchProfile call_batches() const;
 };
 
 // One batch for Engine::enqueue. Pointers follow EngineInfo's order of inputs and outputs and point

@@ -16,6 +16,13 @@ size_t output_row_bytes(const PreprocessParams& params, OutputDType dtype) {
   return size_t{3} * static_cast<size_t>(params.size) * static_cast<size_t>(params.size) * element;
 }
 
+#if NVCLIP_WITH_CUDA
+// A CUDA slot's kernel scratch (its pinned and device buffers, its table cache).
+struct KernelSlot final : PreprocessSlotState {
+  ResizeNormalizeCuda kernel;
+};
+#endif
+
 }  // namespace
 
 ResizeNormalizeStage::ResizeNormalizeStage(const PreprocessParams& params, DeviceKind device, int threads)
@@ -35,6 +42,13 @@ ResizeNormalizeStage::ResizeNormalizeStage(const PreprocessParams& params, Devic
 ResizeNormalizeStage::~ResizeNormalizeStage() = default;
 
 int ResizeNormalizeStage::threads() const { return pool_ ? pool_->size() : 0; }
+
+std::unique_ptr<PreprocessSlotState> ResizeNormalizeStage::make_slot_state() const {
+#if NVCLIP_WITH_CUDA
+  if (device_ == DeviceKind::kCuda) return std::make_unique<KernelSlot>();
+#endif
+  return nullptr;
+}
 
 void ResizeNormalizeStage::run(const PreprocessBatch& batch) {
   // Contiguous spans of images open_clip can process; each refused image fails alone.
@@ -60,19 +74,11 @@ void ResizeNormalizeStage::run_span(const PreprocessBatch& batch, int64_t first,
     return;
   }
 #if NVCLIP_WITH_CUDA
+  auto* slot = dynamic_cast<KernelSlot*>(batch.state);
+  if (slot == nullptr) throw EngineError("resize_normalize on CUDA runs with its slot's state (make_slot_state)");
   // The kernel reads the views from a host array (it uploads its own descriptors).
-  kernel_for(batch.stream).enqueue(batch.images + first, count, params_, batch.dtype, out,
-                                   static_cast<cudaStream_t>(batch.stream));
+  slot->kernel.enqueue(batch.images + first, count, params_, batch.dtype, out, static_cast<cudaStream_t>(batch.stream));
 #endif
 }
-
-#if NVCLIP_WITH_CUDA
-ResizeNormalizeCuda& ResizeNormalizeStage::kernel_for(void* stream) {
-  std::lock_guard<std::mutex> lock(kernels_mutex_);
-  auto& kernel = kernels_[stream];
-  if (!kernel) kernel = std::make_unique<ResizeNormalizeCuda>();
-  return *kernel;
-}
-#endif
 
 }  // namespace nvclip

@@ -1,12 +1,11 @@
 // ResizeNormalizeStage: the BatchQueue's real preprocessing step — resize_normalize (open_clip's
 // eval transform, Pillow-exact) writing the engine's input tensor. CPU: the CPU twin on this
-// stage's ThreadPool. CUDA: the kernel, with one ResizeNormalizeCuda per stream slot.
+// stage's ThreadPool. CUDA: the kernel, with one ResizeNormalizeCuda per stream slot (the slot's
+// PreprocessSlotState, created and destroyed with the slot).
 #pragma once
 
 #include <cstdint>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 
 #include "image.h"
@@ -15,9 +14,6 @@
 namespace nvclip {
 
 class ThreadPool;
-#if NVCLIP_WITH_CUDA
-class ResizeNormalizeCuda;
-#endif
 
 class ResizeNormalizeStage final : public PreprocessStage {
  public:
@@ -31,6 +27,7 @@ class ResizeNormalizeStage final : public PreprocessStage {
   std::string name() const override { return "resize_normalize"; }
   const PreprocessParams& params() const { return params_; }
   int threads() const;
+  std::unique_ptr<PreprocessSlotState> make_slot_state() const override;
 
   // Images that open_clip's transform itself cannot process (plan_resize refuses them) fail as
   // items; the others are written to their own rows.
@@ -42,11 +39,6 @@ class ResizeNormalizeStage final : public PreprocessStage {
   PreprocessParams params_;
   DeviceKind device_;
   std::unique_ptr<ThreadPool> pool_;
-#if NVCLIP_WITH_CUDA
-  ResizeNormalizeCuda& kernel_for(void* stream);
-  std::mutex kernels_mutex_;
-  std::map<void*, std::unique_ptr<ResizeNormalizeCuda>> kernels_;  // one per slot, keyed by its stream
-#endif
 };
 
 }  // namespace nvclip

@@ -16,6 +16,15 @@ int ThreadPool::available_cores() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+std::shared_ptr<ThreadPool> ThreadPool::shared(int threads) {
+  static std::mutex mutex;
+  static std::shared_ptr<ThreadPool> kept;
+  const int size = threads > 0 ? threads : available_cores();
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!kept || kept->size() != size) kept = std::make_shared<ThreadPool>(size);
+  return kept;
+}
+
 ThreadPool::ThreadPool(int threads) {
   const int total = threads > 0 ? threads : available_cores();
   workers_.reserve(total - 1);

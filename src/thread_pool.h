@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -30,6 +31,11 @@ class ThreadPool {
 
   // The number of cores this process may run on (its CPU affinity), at least 1.
   static int available_cores();
+
+  // A pool of `threads` threads (0: one per core) shared by every caller asking for that size. Only
+  // the most recently asked-for size is kept, so a process that varies the size holds one pool, not
+  // one per size; a replaced pool lives on until its last user lets it go.
+  static std::shared_ptr<ThreadPool> shared(int threads);
 
  private:
   void worker_loop();

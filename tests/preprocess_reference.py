@@ -12,6 +12,7 @@ from PIL import Image
 
 import nvclip_fast as nf
 from nvclip_fast import _C
+from nvclip_fast._C import _testing
 
 SKIMAGE_DATA = Path(skimage.data.__file__).parent
 
@@ -43,7 +44,7 @@ def reference(spec: nf.PreprocessSpec, image: Image.Image) -> tuple[np.ndarray, 
 
 @functools.cache
 def _level_tables(spec: nf.PreprocessSpec) -> np.ndarray:
-    return _C.normalize_table(spec._params, _C.OutputDType.float32).view(np.float32)
+    return _testing.normalize_table(spec._params, _C.OutputDType.float32).view(np.float32)
 
 
 def levels_of(spec: nf.PreprocessSpec, out: np.ndarray) -> np.ndarray:

@@ -15,8 +15,8 @@ from safetensors.torch import save_file  # noqa: E402
 import tiny_models  # noqa: E402  (after the skips: it imports open_clip)
 from nvclip_fast import metadata, models  # noqa: E402
 
-# Parameter counts (millions, visual / rest) of TAO's NVCLIP ViT-L (REFERENCE 1.2, open_clip 3.3, meta
-# device). ViT-H takes 15 s to instantiate on 2 cores, so its sizes are checked as config values.
+# Parameter counts (millions, visual / rest) of TAO's NVCLIP ViT-L, as open_clip 3.3 builds it (on the
+# meta device). ViT-H takes 15 s to instantiate on 2 cores, so its sizes are checked as config values.
 NVCLIP_L_PARAMS_M = (304.3, 110.3)
 PARAMS_TOLERANCE_M = 0.05
 # TAO's ViT-H: embed_dim, vision width / layers / head_width, text width / heads / layers.

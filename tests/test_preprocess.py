@@ -7,7 +7,6 @@ import io
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ from nvclip_fast import _C
 from nvclip_fast.preprocess import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, pass_order_for_pillow
 from preprocess_reference import SKIMAGE_DATA, assert_exact, noise, photos
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 SPEC = nf.PreprocessSpec(size=224)
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 import nvclip_fast as nf
 from nvclip_fast import _C
+from nvclip_fast._C import _testing
 from nvclip_fast.preprocess import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from preprocess_reference import assert_exact, levels_of, noise, photos, reference
 
@@ -58,7 +59,9 @@ def run_cpu(spec: nf.PreprocessSpec, arrays: list[np.ndarray], threads: int | No
 
 def run_emulated(spec: nf.PreprocessSpec, arrays: list[np.ndarray], dtype="float32", arena_bytes=None):
     emulated = (
-        _C.ResizeNormalizeEmulated() if arena_bytes is None else _C.ResizeNormalizeEmulated(arena_bytes)
+        _testing.ResizeNormalizeEmulated()
+        if arena_bytes is None
+        else _testing.ResizeNormalizeEmulated(arena_bytes)
     )
     out = np.empty((len(arrays), 3, spec.size, spec.size), dtype=dtype)
     emulated.enqueue(arrays, spec._params, getattr(_C.OutputDType, dtype), out)
@@ -170,7 +173,7 @@ def test_emulated_table_cache_is_reused_and_recycled():
     spec = spec_of("shortest", "bicubic", 224)
     rng = np.random.default_rng(4)
     same = [noise(rng, 480, 640, 3) for _ in range(3)]
-    emulated = _C.ResizeNormalizeEmulated()
+    emulated = _testing.ResizeNormalizeEmulated()
     out = np.empty((3, 3, 224, 224), np.float32)
     emulated.enqueue(same, spec._params, _C.OutputDType.float32, out)
     assert emulated.cached_tables == 2  # one y and one x table shared by the three images
@@ -181,7 +184,7 @@ def test_emulated_table_cache_is_reused_and_recycled():
     arrays = [a for _, a in batch()][:12]
     assert np.array_equal(run_emulated(spec, arrays, arena_bytes=64), run_cpu(spec, arrays))
     # A small arena recycled between batches of different sizes.
-    small = _C.ResizeNormalizeEmulated(64 << 10)
+    small = _testing.ResizeNormalizeEmulated(64 << 10)
     for start in range(0, 12, 4):
         part = arrays[start : start + 4]
         got = np.empty((len(part), 3, 224, 224), np.float32)
@@ -202,8 +205,10 @@ def test_normalize_table_matches_torch():
         spec = nf.PreprocessSpec(size=8, mean=mean, std=std)
         levels = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(3, 1, 256)
         ref = F.normalize(levels.to(torch.float32).div(255), mean, std).view(3, 256)
-        f32 = _C.normalize_table(spec._params, _C.OutputDType.float32).view(np.float32)
-        f16 = _C.normalize_table(spec._params, _C.OutputDType.float16).astype(np.uint16).view(np.float16)
+        f32 = _testing.normalize_table(spec._params, _C.OutputDType.float32).view(np.float32)
+        f16 = (
+            _testing.normalize_table(spec._params, _C.OutputDType.float16).astype(np.uint16).view(np.float16)
+        )
         assert np.array_equal(f32, ref.numpy())
         assert np.array_equal(f16, ref.half().numpy())
 
@@ -218,7 +223,7 @@ def test_float_to_half_rounds_like_numpy():
     )
     values = np.concatenate([bits.view(np.float32), special])
     values = values[~np.isnan(values)]
-    ours = _C.float_to_half_bits(values)
+    ours = _testing.float_to_half_bits(values)
     with np.errstate(over="ignore"):  # values beyond half's range become inf, as they should
         expected = values.astype(np.float16).view(np.uint16)
     assert np.array_equal(ours, expected)

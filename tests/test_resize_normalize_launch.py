@@ -13,6 +13,7 @@ import pytest
 
 import nvclip_fast as nf
 from nvclip_fast import _C
+from nvclip_fast._C import _testing
 
 # More images than one launch carries whatever the descriptor size (32,764 bytes of parameters hold
 # at most 341 descriptors of 96 bytes): three launches, the last one partial.
@@ -39,7 +40,7 @@ def small_images(n: int, seed: int) -> list[np.ndarray]:
 
 def emulated(spec: nf.PreprocessSpec, images: list[np.ndarray], dtype: str) -> np.ndarray:
     out = np.empty((len(images), 3, spec.size, spec.size), dtype=dtype)
-    _C.ResizeNormalizeEmulated().enqueue(images, spec._params, getattr(_C.OutputDType, dtype), out)
+    _testing.ResizeNormalizeEmulated().enqueue(images, spec._params, getattr(_C.OutputDType, dtype), out)
     return out
 
 

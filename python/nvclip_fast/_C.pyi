@@ -3,7 +3,7 @@
 import enum
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -138,12 +138,6 @@ class PreprocessStage:
     @property
     def device(self) -> Literal["cpu", "cuda"]: ...
 
-class NearestResizeStage(PreprocessStage):
-    """Test stand-in: nearest-neighbour squash to size x size, x / 255. Not open_clip's transform.
-    An image whose first byte equals fail_marker fails as an item (CPU only; -1: never)."""
-
-    def __init__(self, size: int, device: Literal["cpu", "cuda"] = "cpu", fail_marker: int = -1) -> None: ...
-
 class Request:
     """The rows of one submit() call."""
 
@@ -170,6 +164,18 @@ class Request:
     def result(self, timeout: float | None = None) -> npt.NDArray[Any]:
         """Wait, then rows(); EngineError if the request failed or was cancelled, TimeoutError."""
 
+class BatchQueueStats(TypedDict):
+    batches: int  # batches run, failed ones included
+    failed_batches: int
+    images: int  # images run through the engine
+    cancelled_images: int
+    requests: int  # requests resolved
+    largest_batch: int
+    oversized_images: int  # images larger than the staging ring, staged on their own
+    callback_failures: int
+    batch_sizes: dict[int, int]  # batch size -> batches of that size run
+    queued_images: int  # now: accepted images not yet in a running batch
+
 class BatchQueue:
     """Dynamic batching of any number of callers' images onto one engine (see batch_queue.h)."""
 
@@ -181,18 +187,19 @@ class BatchQueue:
         max_batch: int = 0,
         max_delay_ms: float = 2.0,
         streams: int = 2,
-        staging_bytes: int = 268435456,
+        staging_bytes: int = 0,
         output: str = "",
-    ) -> None: ...
+    ) -> None:
+        """staging_bytes 0: (streams + 1) batches of 640x480 RGB photos, at least 256 MiB."""
     def submit(
         self,
         images: Sequence[npt.NDArray[np.uint8]],
         callback: Callable[[Request], None] | None = None,
     ) -> Request:
-        """Queue uint8 HWC RGB / HW gray images; returns at once after copying them into staging
-        (blocks without the GIL while the ring is full). callback runs once, on the completion
-        thread, with the GIL. TypeError/ValueError name a malformed image's index (nothing queued);
-        EngineError after close()."""
+        """Queue uint8 HWC RGB / HW gray images (packed pixels, any row stride); returns at once after
+        copying them into staging (blocks without the GIL while the ring is full). callback runs
+        once, on the completion thread, with the GIL. TypeError/ValueError name a malformed image's
+        index (nothing queued); EngineError after close()."""
     def close(self, cancel: bool = False) -> None: ...
     @property
     def closed(self) -> bool: ...
@@ -210,7 +217,7 @@ class BatchQueue:
     def input(self) -> TensorSpec: ...
     @property
     def output(self) -> TensorSpec: ...
-    def stats(self) -> dict[str, int]: ...
+    def stats(self) -> BatchQueueStats: ...
     def __enter__(self) -> BatchQueue: ...
     def __exit__(self, *args: object) -> None: ...
 
@@ -263,24 +270,12 @@ class ResizeNormalizeStage(PreprocessStage):
     def threads(self) -> int: ...
 
 def resize_normalize(
-    images: list[npt.NDArray[np.uint8]],
+    images: Sequence[npt.NDArray[np.uint8]],
     params: PreprocessParams,
     dtype: OutputDType,
     out: npt.NDArray[Any],
     threads: int,
 ) -> None: ...
-
-class ResizeNormalizeEmulated:
-    def __init__(self, arena_bytes: int = ...) -> None: ...
-    def enqueue(
-        self,
-        images: list[npt.NDArray[np.uint8]],
-        params: PreprocessParams,
-        dtype: OutputDType,
-        out: npt.NDArray[Any],
-    ) -> None: ...
-    @property
-    def cached_tables(self) -> int: ...
 
 class ResizeNormalizeCuda:  # CUDA builds only
     def __init__(self, table_arena_bytes: int = ..., min_blocks_per_sm: Literal[1, 3] = 1) -> None: ...
@@ -297,5 +292,23 @@ class ResizeNormalizeCuda:  # CUDA builds only
         stream: int,
     ) -> None: ...
 
-def normalize_table(params: PreprocessParams, dtype: OutputDType) -> npt.NDArray[np.uint32]: ...
-def float_to_half_bits(values: npt.ArrayLike) -> npt.NDArray[np.uint16]: ...
+# The private submodule nvclip_fast._C._testing (test hooks, not API), typed as a namespace.
+class _testing:
+    class ResizeNormalizeEmulated:
+        """The CUDA path (packing, table cache, kernel) run on the CPU."""
+
+        def __init__(self, arena_bytes: int = ...) -> None: ...
+        def enqueue(
+            self,
+            images: Sequence[npt.NDArray[np.uint8]],
+            params: PreprocessParams,
+            dtype: OutputDType,
+            out: npt.NDArray[Any],
+        ) -> None: ...
+        @property
+        def cached_tables(self) -> int: ...
+
+    @staticmethod
+    def normalize_table(params: PreprocessParams, dtype: OutputDType) -> npt.NDArray[np.uint32]: ...
+    @staticmethod
+    def float_to_half_bits(values: npt.ArrayLike) -> npt.NDArray[np.uint16]: ...

@@ -150,12 +150,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    except (
-        ValueError,
-        OSError,
-        _C.EngineError,
-        ImportError,
-    ) as e:  # OSError: FileNotFoundError, write errors
+    except (ValueError, OSError, _C.EngineError, ImportError) as e:  # OSError: no such file, write errors
         return _job_fail("embed", e)
     print(summary.line(), file=sys.stderr)
     return EXIT_OK if summary.ok else EXIT_SOME_FAILED

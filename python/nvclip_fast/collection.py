@@ -149,8 +149,9 @@ def _tar_members(tar: str, mtime_ns: int, size: int) -> dict[str, tuple[int, int
 
 
 def encoder_provenance(encoder: Encoder) -> Provenance:
-    """The provenance of what ``encoder`` makes: its own ``provenance`` where it has one; else what
-    its sidecar says (model, weights sha256, preprocessing, precision; normalized rows)."""
+    """The provenance of what ``encoder`` makes: its own ``provenance`` where it has one; else its
+    model, size, preprocessing and precision, and the weights sha256 its sidecar records
+    (normalized rows)."""
     own = getattr(encoder, "provenance", None)
     if isinstance(own, Provenance):
         return own
@@ -159,7 +160,7 @@ def encoder_provenance(encoder: Encoder) -> Provenance:
         model=encoder.model,
         embed_dim=encoder.dim,
         preprocess=dataclasses.asdict(encoder.spec),
-        precision=meta.precision if meta is not None else "fp32",
+        precision=encoder.precision,
         weights_sha256=meta.weights.sha256 if meta is not None else None,
     )
 

@@ -1,32 +1,28 @@
 """The embedding job: files, folders, ``@lists`` and tar shards in, aligned embeddings out.
 
-One pipeline serves ``nvclip-fast embed`` (:func:`embed_files`) and ``nvclip-fast classify``
-(:func:`classify_files`): sources are listed in input order, decoded by a pool of worker threads
-(Pillow releases the GIL while it decodes) a bounded distance ahead, and handed to the Encoder's
-queue in batches, several batches in flight, so the engine never waits on one decoder. Results come
-back in input order; every input ends as exactly one row or one error with its reason.
+``nvclip-fast embed`` (:func:`embed_files`) and ``nvclip-fast classify`` (:func:`classify_files`):
+sources are listed in input order, read and decoded by ``workers`` threads through the Encoder's
+image pipeline (``pipeline``: a bounded distance and a bounded number of decoded bytes ahead,
+several batches in flight, so the engine never waits on one decoder). Results come back in input
+order; every input ends as exactly one row or one error with its reason. Progress is a tqdm bar.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import dataclasses
+import contextlib
 import json
 import os
-import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .collection import encoder_provenance
-from .encoder import Encoder, l2_normalize, top_labels
-from .images import DECODE_AHEAD_PER_THREAD, Sized, decode_image_sized, ordered_map
+from .encoder import Encoder, top_labels
 from .outputs import (
     Checkpoint,
     Rows,
@@ -38,27 +34,14 @@ from .outputs import (
     write_errors,
     write_output,
 )
-from .preprocess import PreprocessSpec
+from .pipeline import Item
 from .sources import Source, iter_sources
 
 if TYPE_CHECKING:
     from .probe import LinearProbe
 
 DTYPES = ("float32", "float16")
-# Batches in flight in the queue: enough to keep the engine busy while the decoders catch up.
-BATCHES_IN_FLIGHT = 4
 CHECKPOINT_ROWS = 4096  # rows per checkpoint chunk (OUT.inprogress/): what an interruption can lose
-PROGRESS_INTERVAL_S = 0.5
-
-
-@dataclass
-class Item:
-    """One input's outcome: ``row`` (embedding) or ``error``; ``size`` = (width, height) decoded."""
-
-    id: str
-    row: np.ndarray | None = None
-    error: str | None = None
-    size: tuple[int, int] = (-1, -1)
 
 
 @dataclass
@@ -99,128 +82,46 @@ class Summary:
         return ", ".join(parts)
 
 
-class Progress:
-    """A one-line progress bar on a terminal (images, images/s, ETA); silent otherwise."""
+def progress_bar(total: int | None, progress: bool | None, **options: Any) -> Any:
+    """A tqdm bar on stderr (in a notebook, its widget). ``progress``: True shows it, False hides it,
+    None leaves it to tqdm: ``TQDM_DISABLE`` where set, else a bar on a terminal or in a notebook
+    and none in a log (where the summary line says what was done)."""
+    from tqdm.auto import tqdm
 
-    def __init__(self, total: int, enabled: bool | None = None, stream: TextIO | None = None):
-        self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
-        self.total = total
-        self.done = 0
-        self.start = time.monotonic()
-        self._last = 0.0
-
-    def advance(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self._last >= PROGRESS_INTERVAL_S or self.done == self.total):
-            self._last = now
-            elapsed = now - self.start
-            rate = self.done / elapsed if elapsed > 0 else 0.0
-            eta = (self.total - self.done) / rate if rate > 0 else 0.0
-            self.stream.write(f"\r{self.done}/{self.total} images  {rate:.1f} img/s  ETA {eta:.0f} s ")
-            self.stream.flush()
-
-    def finish(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+    if progress is not None:
+        options["disable"] = not progress
+    elif "TQDM_DISABLE" not in os.environ:
+        options["disable"] = None  # tqdm's own test: shown where stderr is a terminal
+    return tqdm(total=total, **options)
 
 
-def _read_and_decode(source: Source, index: int, spec: PreprocessSpec) -> tuple[Sized | None, str | None]:
-    """(decoded (pixels, (width, height)) or None, error or None) for one source."""
+def _read(source: Source) -> bytes:
+    """A source's bytes (read in a decoding thread), or ValueError saying why there are none."""
     if source.error is not None:
-        return None, source.error
+        raise ValueError(source.error)
     try:
         data = source.read()
     except OSError as e:
-        return None, f"unreadable: {e}"
+        raise ValueError(f"unreadable: {e}") from e
     if not data:
-        return None, "empty file"
-    try:
-        return decode_image_sized(data, index, spec), None
-    except (ValueError, TypeError) as e:
-        reason = str(e)
-        prefix = f"images[{index}]: "
-        return None, reason[len(prefix) :] if reason.startswith(prefix) else reason
-    except MemoryError:
-        return None, "not enough memory to decode this image"
-    except Exception as e:  # a decoder bug on one odd file fails that file, never the job
-        return None, f"cannot decode: {type(e).__name__}: {e}"
+        raise ValueError("empty file")
+    return data
 
 
-def _decoded(
-    sources: Sequence[Source], workers: int, spec: PreprocessSpec
-) -> Iterator[tuple[Source, Sized | None, str | None]]:
-    """(source, decoded or None, error or None) in input order, decoded ``workers`` at a time."""
-    with concurrent.futures.ThreadPoolExecutor(
-        max_workers=workers, thread_name_prefix="nvclip-decode"
-    ) as pool:
-        futures = ordered_map(
-            pool,
-            lambda source, k: _read_and_decode(source, k, spec),
-            sources,
-            max(1, workers * DECODE_AHEAD_PER_THREAD),
-        )
-        for source, future in zip(sources, futures, strict=False):
-            yield (source, *future.result())
-
-
-def embedded_items(
-    encoder: Encoder, sources: Sequence[Source], *, workers: int, batch: int
-) -> Iterator[Item]:
-    """Every source's :class:`Item`, in input order: decoded in parallel, embedded in batches."""
-    in_flight: collections.deque = collections.deque()  # (items of a batch, future or None)
-
-    def settle(items: list[Item], future: concurrent.futures.Future | None) -> list[Item]:
-        if future is None:
-            return items
-        try:
-            rows, item_errors = future.result()
-        except Exception as e:  # the engine failed this batch: its images fail, the job goes on
-            for item in items:
-                item.error = f"engine failed: {e}"
-            return items
-        good = [item for item in items if item.error is None]
-        rows = l2_normalize(rows)  # what Encoder.embed returns for the same images
-        for item, row, why in zip(good, rows, item_errors, strict=True):
-            if why:
-                item.error = f"preprocessing failed: {why}"
-            else:
-                item.row = row
-        return items
-
-    group: list[Item] = []
-    pixels: list[np.ndarray] = []
-
-    def flush() -> Iterator[Item]:
-        nonlocal group, pixels
-        in_flight.append((group, encoder.submit_pixels(pixels) if pixels else None))
-        group, pixels = [], []
-        while len(in_flight) > BATCHES_IN_FLIGHT:
-            yield from settle(*in_flight.popleft())
-
-    for source, decoded, error in _decoded(sources, workers, encoder.spec):
-        item = Item(source.id, error=error)
-        if decoded is not None:
-            image, item.size = decoded
-            pixels.append(image)
-        group.append(item)
-        if len(pixels) >= batch:
-            yield from flush()
-    if group:
-        yield from flush()
-    while in_flight:
-        yield from settle(*in_flight.popleft())
-
-
-def _open_encoder(
-    model: str | os.PathLike[str] | Encoder, device: str, batch: int | None
-) -> tuple[Encoder, bool]:
-    """The Encoder to use and whether this job owns it (and closes it)."""
+@contextlib.contextmanager
+def _opened(model: str | os.PathLike[str] | Encoder, device: str, batch: int | None) -> Iterator[Encoder]:
+    """``model`` if it is an Encoder, else one opened on it for this job, and closed after it (its work
+    cancelled if the job fails)."""
     if isinstance(model, Encoder):
-        return model, False
-    return Encoder(model, device=device, max_batch=batch), True
+        yield model
+        return
+    encoder = Encoder(model, device=device, max_batch=batch)
+    try:
+        yield encoder
+    except BaseException:
+        encoder.close(cancel=True)
+        raise
+    encoder.close()
 
 
 def _workers(workers: int | None) -> int:
@@ -244,7 +145,7 @@ def embed_files(
 
     ``model``: an exported bundle (``.plan``, ``.onnx`` or its ``.json``) or an open Encoder.
     Bad inputs are skipped and listed in ``OUT.errors.jsonl``. ``resume``: skip ids already in
-    ``out`` or saved by an interrupted run. ``progress``: None = a bar when stderr is a terminal.
+    ``out`` or saved by an interrupted run. ``progress``: see :func:`progress_bar` (None: tqdm's choice).
     ``checkpoint_rows``: finished rows are saved for ``resume`` every so many rows (and on Ctrl-C).
     """
     out_path = check_output_path(out)
@@ -255,8 +156,7 @@ def embed_files(
     start = time.monotonic()
     sources, duplicates = _dedupe(iter_sources(inputs))
     checkpoint = Checkpoint(out_path)
-    encoder, owned = _open_encoder(model, device, batch)
-    try:
+    with _opened(model, device, batch) as encoder:
         job = _job_metadata(encoder, dtype)
         if resume:
             _check_same_job(out_path, checkpoint, job)
@@ -294,10 +194,6 @@ def embed_files(
         write_output(out_path, order, assemble(order, segments), encoder.dim, dtype, job)
         errors_path = write_errors(out_path, errors)
         checkpoint.clear()
-    except BaseException:
-        encoder_close(encoder, owned, cancel=True)
-        raise
-    encoder_close(encoder, owned)
     return Summary(
         total=len(sources),
         embedded=embedded,
@@ -323,24 +219,23 @@ def _embed_into(
 ) -> tuple[list[tuple[str, str]], int]:
     """Embed ``todo`` into checkpoint chunks; returns (errors, rows embedded). On an interruption
     (Ctrl-C) or failure the rows finished so far are saved first, for --resume."""
-    bar = Progress(len(todo), progress)
     errors: list[tuple[str, str]] = []
-    fresh: list[Item] = []
+    fresh: list[tuple[str, Item]] = []
     embedded = 0
-    try:
-        for item in embedded_items(encoder, todo, workers=workers, batch=batch):
-            if item.row is None:
-                errors.append((item.id, item.error or "unknown error"))
-            else:
-                fresh.append(item)
-                embedded += 1
-                if len(fresh) >= checkpoint_rows:
-                    checkpoint.append(_rows(fresh, dtype))
-                    fresh = []
-            bar.advance()
-    finally:
-        checkpoint.append(_rows(fresh, dtype))
-        bar.finish()
+    with progress_bar(len(todo), progress, unit="img") as bar:
+        try:
+            for item in encoder._stream(todo, load=_read, batch=batch, workers=workers):
+                if item.row is None:
+                    errors.append((todo[item.index].id, item.error or "unknown error"))
+                else:
+                    fresh.append((todo[item.index].id, item))
+                    embedded += 1
+                    if len(fresh) >= checkpoint_rows:
+                        checkpoint.append(_rows(fresh, dtype))
+                        fresh = []
+                bar.update()
+        finally:
+            checkpoint.append(_rows(fresh, dtype))
     return errors, embedded
 
 
@@ -350,7 +245,7 @@ def _job_metadata(encoder: Encoder, dtype: str) -> dict[str, Any]:
         "model": encoder.model,
         "embed_dim": encoder.dim,
         "dtype": dtype,
-        "preprocess": dataclasses.asdict(encoder.spec),
+        "preprocess": asdict(encoder.spec),
     }
     return json.loads(json.dumps(job))  # tuples become lists, as they come back from the files
 
@@ -369,11 +264,6 @@ def _check_same_job(out: Path, checkpoint: Checkpoint, job: dict[str, Any]) -> N
                 )
 
 
-def encoder_close(encoder: Encoder, owned: bool, cancel: bool = False) -> None:
-    if owned:
-        encoder.close(cancel=cancel)
-
-
 def _dedupe(sources: Iterable[Source]) -> tuple[list[Source], int]:
     """Sources with each id once (the first occurrence), and how many repeats were dropped."""
     seen: set[str] = set()
@@ -388,14 +278,15 @@ def _dedupe(sources: Iterable[Source]) -> tuple[list[Source], int]:
     return unique, repeats
 
 
-def _rows(items: Sequence[Item], dtype: str) -> Rows:
-    if not items:
+def _rows(rows: Sequence[tuple[str, Item]], dtype: str) -> Rows:
+    """Finished (id, item) pairs as the rows of a checkpoint chunk."""
+    if not rows:
         return Rows([], np.zeros((0, 0), dtype), np.zeros(0, np.int32), np.zeros(0, np.int32))
     return Rows(
-        [i.id for i in items],
-        np.stack([i.row for i in items]).astype(dtype),
-        np.array([i.size[0] for i in items], np.int32),
-        np.array([i.size[1] for i in items], np.int32),
+        [i for i, _ in rows],
+        np.stack([item.row for _, item in rows]).astype(dtype),
+        np.array([item.size[0] for _, item in rows], np.int32),
+        np.array([item.size[1] for _, item in rows], np.int32),
     )
 
 
@@ -439,9 +330,8 @@ def classify_files(
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     start = time.monotonic()
     sources, duplicates = _dedupe(iter_sources(inputs))
-    encoder, owned = _open_encoder(model, device, batch)
     predictions = []
-    try:
+    with _opened(model, device, batch) as encoder:
         if probe is None:
             text = encoder.label_embeddings(labels, templates)
             probabilities = lambda row: encoder.label_probabilities(row[None, :], text)[0]  # noqa: E731
@@ -449,22 +339,20 @@ def classify_files(
             labels, made_by = probe.classes, encoder_provenance(encoder)
             probe.check(made_by)
             probabilities = lambda row: probe.predict_proba(row, provenance=made_by)[0]  # noqa: E731
-        bar = Progress(len(sources), progress)
-        items = embedded_items(encoder, sources, workers=_workers(workers), batch=batch or encoder.max_batch)
-        for item in items:
-            if item.row is None:
-                predictions.append(Prediction(item.id, [], [], item.error))
-            else:
-                ranked = top_labels(probabilities(item.row), labels, top_k)
-                predictions.append(
-                    Prediction(item.id, [label for label, _ in ranked], [p for _, p in ranked])
-                )
-            bar.advance()
-        bar.finish()
-    except BaseException:
-        encoder_close(encoder, owned, cancel=True)
-        raise
-    encoder_close(encoder, owned)
+        items = encoder._stream(
+            sources, load=_read, batch=batch or encoder.max_batch, workers=_workers(workers)
+        )
+        with progress_bar(len(sources), progress, unit="img") as bar:
+            for item in items:
+                source = sources[item.index]
+                if item.row is None:
+                    predictions.append(Prediction(source.id, [], [], item.error))
+                else:
+                    ranked = top_labels(probabilities(item.row), labels, top_k)
+                    predictions.append(
+                        Prediction(source.id, [label for label, _ in ranked], [p for _, p in ranked])
+                    )
+                bar.update()
     failed = sum(1 for p in predictions if p.error is not None)
     return predictions, Summary(
         total=len(sources),

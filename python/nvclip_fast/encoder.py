@@ -1,103 +1,36 @@
 """``Encoder``: images and text in, CLIP embeddings out, over TensorRT, ONNX Runtime or PyTorch.
 
-Images go through the native ``BatchQueue``: every caller's images are copied into one staging
-ring, batched together (up to ``max_batch`` images or ``max_delay_ms``), preprocessed by
-``resize_normalize`` straight into the engine's input and run on one of ``streams`` slots. Text is
-tokenized in Python (no torch needed) and run on the text tower synchronously.
+Images go through the image pipeline (``pipeline``) into the native ``BatchQueue``: every caller's
+images are copied into one staging ring, batched together (up to ``max_batch`` images or
+``max_delay_ms``), preprocessed by ``resize_normalize`` straight into the engine's input and run on
+one of ``streams`` slots. Text is tokenized in Python (no torch needed) and run on the text tower
+synchronously.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import os
 import threading
-import warnings
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import _C, metadata, trt_library
+from . import _C, metadata
 from ._C import EngineError
-from .images import (
-    DECODE_AHEAD_PER_THREAD,
-    as_host_pixels,
-    as_image_list,
-    decode_image,
-    is_torch_tensor,
-    ordered_map,
-)
-from .preprocess import PreprocessSpec
-from .tokenizer import CLIP_BPE_KIND, DEFAULT_CONTEXT_LENGTH, Tokenizer, load_tokenizer
+from .bundle import Towers, load_bundle, load_open_clip
+from .images import as_image_list
+from .metadata import PreprocessSpec
+from .pipeline import ImagePipeline, Item, ItemError, Merge, QueueOptions, l2_normalize
+from .tokenizer import Tokenizer
 
 ON_ERROR = ("raise", "nan")
 OUTPUTS = ("numpy", "torch")
-MIB = 1 << 20
-# Host staging ring: CPU engines need little (a batch of decoded images); CUDA engines keep
-# several batches in flight (streams x max_batch x image bytes, plus room to queue the next).
-DEFAULT_STAGING_MB = {"cpu": 64, "cuda": 256}
-# submit() decodes and queues this many batches' worth of images at a time, so a long list of
-# files never holds more than about that many decoded images at once.
-CHUNK_BATCHES = 4
 DEFAULT_TEMPLATE = "a photo of a {}."
-_ENCODED = (str, os.PathLike, bytes, bytearray, memoryview)  # items that need decoding: worth a thread
 # Zero-shot logits scale when the bundle has no sidecar: CLIP's learned temperature ends at its cap, 100.
 DEFAULT_LOGIT_SCALE = 100.0
-
-
-class ItemError(ValueError):
-    """An image that could not be embedded: ``index`` in the caller's list and ``reason``."""
-
-    def __init__(self, index: int, reason: str):
-        super().__init__(reason if reason.startswith(f"images[{index}]") else f"images[{index}]: {reason}")
-        self.index = index
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class _Towers:
-    """What an Encoder runs: engines, preprocessing and tokenizer, from a bundle or a model. The
-    text tower and tokenizer are made on first use (an image-only job never loads them)."""
-
-    image: _C.Engine
-    text: Callable[[], _C.Engine] | None
-    spec: PreprocessSpec
-    tokenizer: Callable[[], Tokenizer] | None
-    embed_dim: int
-    name: str
-    logit_scale: float | None = None
-    logit_bias: float | None = None
-    meta: metadata.Metadata | None = None
-
-
-def parse_device(device: str) -> tuple[str, int]:
-    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` -> (kind, index); auto stays ``"auto"``."""
-    if device in ("auto", "cpu"):
-        return device, 0
-    kind, _, index = device.partition(":")
-    if kind == "cuda" and (index == "" or index.isdigit()):
-        return "cuda", int(index or 0)
-    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-
-
-def _check_cuda(index: int) -> None:
-    count = _C.cuda_device_count()
-    if count == 0:
-        raise EngineError(
-            f"device 'cuda:{index}' requested but no CUDA device is usable: {_C.cuda_unavailable_reason()}"
-        )
-    if index >= count:
-        raise EngineError(f"device 'cuda:{index}' requested but only {count} CUDA device(s) are visible")
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (NaN rows stay NaN)."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return x / norms
 
 
 def top_labels(probs: np.ndarray, labels: Sequence[str], top_k: int) -> list[tuple[str, float]]:
@@ -110,14 +43,6 @@ def top_labels(probs: np.ndarray, labels: Sequence[str], top_k: int) -> list[tup
     return [(labels[k], float(probs[k])) for k in top]
 
 
-def _resolve(future: concurrent.futures.Future, compute: Callable[[], Any]) -> None:
-    """Settle ``future`` with ``compute()`` or its exception (never leave it pending)."""
-    try:
-        future.set_result(compute())
-    except BaseException as e:  # a bug here must reach the caller, not vanish in a callback
-        future.set_exception(e)
-
-
 class Encoder:
     """CLIP embeddings of images and text.
 
@@ -127,31 +52,14 @@ class Encoder:
     open_clip's default preprocessing is used, with a warning.
 
     Thread-safe: any number of threads may call :meth:`embed` / :meth:`submit` at once, and their
-    images are batched together. ``threads``: CPU threads for preprocessing and decoding (and ONNX
-    Runtime's intra-op threads); None = every core.
+    images are batched together. The keyword ``options`` of every constructor are the queue settings
+    (:class:`~nvclip_fast.pipeline.QueueOptions`: ``max_batch``, ``max_delay_ms``, ``streams``,
+    ``staging_mb``, ``threads``, ``decode_ahead_mb``).
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        device: str = "auto",
-        max_batch: int | None = None,
-        max_delay_ms: float = 2.0,
-        streams: int = 2,
-        staging_mb: int | None = None,
-        threads: int | None = None,
-    ):
-        kind, index = parse_device(device)
-        towers = _load_bundle(Path(path), kind, index, threads)
-        self._start(
-            towers,
-            max_batch=max_batch,
-            max_delay_ms=max_delay_ms,
-            streams=streams,
-            staging_mb=staging_mb,
-            threads=threads,
-        )
+    def __init__(self, path: str | os.PathLike[str], *, device: str = "auto", **options: Any):
+        settings = QueueOptions(**options)
+        self._start(load_bundle(Path(path), device, settings.threads), settings)
 
     @classmethod
     def from_open_clip(
@@ -164,38 +72,22 @@ class Encoder:
         image_size: int | None = None,
         device: str = "auto",
         precision: str = "fp32",
-        max_batch: int | None = None,
-        max_delay_ms: float = 2.0,
-        streams: int = 2,
-        staging_mb: int | None = None,
-        threads: int | None = None,
+        **options: Any,
     ) -> Encoder:
         """An open_clip model run in PyTorch (GPU without TensorRT, or CPU): exactly one of
         ``weights`` (a checkpoint), ``pretrained`` (an open_clip tag) or ``random_weights``."""
-        kind, index = parse_device(device)
-        if kind == "auto":
-            import torch
-
-            kind = "cuda" if _C.cuda_device_count() > 0 and torch.cuda.is_available() else "cpu"
-        towers = _load_open_clip(
+        settings = QueueOptions(**options)
+        towers = load_open_clip(
             model,
             weights=weights,
             pretrained=pretrained,
             random_weights=random_weights,
             image_size=image_size,
-            device=kind,
-            index=index,
+            device=device,
             precision=precision,
-            max_batch=max_batch,
+            max_batch=settings.max_batch,
         )
-        return cls._over(
-            towers,
-            max_batch=max_batch,
-            max_delay_ms=max_delay_ms,
-            streams=streams,
-            staging_mb=staging_mb,
-            threads=threads,
-        )
+        return cls._over(towers, settings)
 
     @classmethod
     def from_engine(
@@ -208,73 +100,30 @@ class Encoder:
         name: str = "custom",
         logit_scale: float | None = None,
         logit_bias: float | None = None,
-        max_batch: int | None = None,
-        max_delay_ms: float = 2.0,
-        streams: int = 2,
-        staging_mb: int | None = None,
-        threads: int | None = None,
+        **options: Any,
     ) -> Encoder:
         """An Encoder over engines of your own (``_C.Engine`` subclasses or ``_C.TrtEngine``): the
         image engine takes ``[B, 3, S, S]`` (S = ``spec.size``) and returns ``[B, D]``; ``tokenizer``
         makes the text engine's token ids (called once, on first use)."""
-        towers = _Towers(
-            image,
-            (lambda: text) if text is not None else None,
-            spec,
-            tokenizer,
-            image.info.outputs[0].shape[1],
-            name,
-            logit_scale,
-            logit_bias,
-        )
-        return cls._over(
-            towers,
-            max_batch=max_batch,
-            max_delay_ms=max_delay_ms,
-            streams=streams,
-            staging_mb=staging_mb,
-            threads=threads,
-        )
+        text_engine = (lambda: text) if text is not None else None
+        dim = image.info.outputs[0].shape[1]
+        towers = Towers(image, text_engine, spec, tokenizer, dim, name, logit_scale, logit_bias)
+        return cls._over(towers, QueueOptions(**options))
 
     @classmethod
-    def _over(cls, towers: _Towers, **options: Any) -> Encoder:
+    def _over(cls, towers: Towers, options: QueueOptions) -> Encoder:
         encoder = cls.__new__(cls)
-        encoder._start(towers, **options)
+        encoder._start(towers, options)
         return encoder
 
-    def _start(
-        self,
-        towers: _Towers,
-        *,
-        max_batch: int | None,
-        max_delay_ms: float,
-        streams: int,
-        staging_mb: int | None,
-        threads: int | None,
-    ) -> None:
+    def _start(self, towers: Towers, options: QueueOptions) -> None:
         self._towers = towers
-        device = towers.image.info.device
-        stage = _C.ResizeNormalizeStage(towers.spec._params, device, threads or 0)
-        staging = (staging_mb if staging_mb is not None else DEFAULT_STAGING_MB[device]) * MIB
-        self._queue = _C.BatchQueue(
-            towers.image,
-            stage,
-            max_batch=max_batch or 0,
-            max_delay_ms=max_delay_ms,
-            streams=streams,
-            staging_bytes=staging,
-        )
+        self._images = ImagePipeline(towers.image, towers.spec, options)
         self._text_lock = threading.Lock()
         self._text_engine: _C.Engine | None = None
         self._text_runner: _C.EngineRunner | None = None
         self._tokenizer: Tokenizer | None = None
         self._label_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], np.ndarray] = {}
-        decode_threads = threads or os.cpu_count() or 1
-        self._decode_ahead = decode_threads * DECODE_AHEAD_PER_THREAD
-        self._decode_pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=decode_threads, thread_name_prefix="nvclip-decode"
-        )
-        self._closed = False
 
     # -- properties -----------------------------------------------------------------------------
 
@@ -295,15 +144,26 @@ class Encoder:
 
     @property
     def max_batch(self) -> int:
-        return self._queue.max_batch
+        return self._images.queue.max_batch
 
-    def stats(self) -> dict[str, int]:
-        """The queue's counters: batches run (and failed), images, requests, the largest batch, ..."""
-        return dict(self._queue.stats())
+    def stats(self) -> dict[str, Any]:
+        """The queue's counters: batches run (and failed), images, requests, the largest batch,
+        ``batch_sizes`` ({batch size: batches run}), ``queued_images`` (accepted, not yet running)."""
+        return dict(self._images.queue.stats())
 
     @property
     def model(self) -> str:
         return self._towers.name
+
+    @property
+    def engine(self) -> str:
+        """What runs the towers: ``"tensorrt"``, ``"onnxruntime"``, ``"torch"`` or ``"custom"``."""
+        return self._towers.engine
+
+    @property
+    def precision(self) -> str:
+        """The engines' arithmetic: ``"fp32"`` or ``"fp16"``."""
+        return self._towers.precision
 
     @property
     def metadata(self) -> metadata.Metadata | None:
@@ -327,46 +187,24 @@ class Encoder:
 
         ``images`` takes what :func:`nvclip_fast.preprocess` takes: a sequence of uint8 numpy arrays
         (H, W, 3) RGB, (H, W) gray, (H, W, 4) RGBA, PIL images, file paths, encoded bytes, uint8
-        torch tensors (H, W, C), or an (N, H, W, C) array. Items are decoded here, in parallel, and
-        queued a few batches at a time (so memory stays bounded); this call returns once all are
-        queued. With ``on_error="raise"`` an undecodable item raises ``ItemError`` (a ValueError
-        naming its index) at once, and one refused by preprocessing sets the Future's exception;
-        with ``on_error="nan"`` bad items get NaN rows. ``normalize`` L2-normalizes the rows (the
-        exported engines already do). ``output``: ``"numpy"`` or ``"torch"``. Callbacks added to the
-        Future run on the queue's completion thread: they must not wait on this Encoder.
+        torch tensors (H, W, C), or an (N, H, W, C) array. Files and bytes are decoded here, in
+        parallel, at most ``decode_ahead_mb`` of pixels ahead of the queue (so memory stays bounded);
+        this call returns once all are queued. With ``on_error="raise"`` an undecodable item raises
+        ``ItemError`` (a ValueError naming its index) at once, and one refused by preprocessing sets
+        the Future's exception; with ``on_error="nan"`` bad items get NaN rows. ``normalize``
+        L2-normalizes the rows (the exported engines already do). ``output``: ``"numpy"`` or
+        ``"torch"``. Callbacks added to the Future run on the queue's completion thread: they must
+        not wait on this Encoder.
         """
         self._check_args(on_error, output)
-        items = as_image_list(images)
-        chunk = max(1, self.max_batch * CHUNK_BATCHES)
-        parts = []
-        for start in range(0, len(items), chunk):
-            pixels = self._decode(items[start : start + chunk], start, on_error)
-            parts.append(self._submit_decoded(pixels, start, normalize, on_error))
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        future.set_running_or_notify_cancel()
-        remaining = [len(parts)]
-        lock = threading.Lock()
 
-        def gather() -> Any:
-            for part in parts:
-                if part.exception() is not None:
-                    raise part.exception()
-            rows = [p.result() for p in parts]
-            result = np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
-            return self._convert(result, output)
+        def finish(merge: Merge) -> Any:
+            if merge.errors and on_error == "raise":
+                index = min(merge.errors)
+                raise ItemError(index, merge.errors[index])
+            return self._convert(l2_normalize(merge.rows) if normalize else merge.rows, output)
 
-        def one_done(_: concurrent.futures.Future) -> None:
-            with lock:
-                remaining[0] -= 1
-                last = remaining[0] == 0
-            if last:
-                _resolve(future, gather)
-
-        if not parts:
-            _resolve(future, gather)
-        for part in parts:
-            part.add_done_callback(one_done)
-        return future
+        return self._images.submit(as_image_list(images), finish, raise_item_errors=on_error == "raise")
 
     def embed(
         self, images: Any, *, normalize: bool = True, on_error: str = "raise", output: str = "numpy"
@@ -375,87 +213,29 @@ class Encoder:
         return self.submit(images, normalize=normalize, on_error=on_error, output=output).result()
 
     def _check_args(self, on_error: str, output: str) -> None:
-        if self._closed:
+        if self._images.closed:
             raise EngineError("this Encoder is closed")
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
 
-    def _decode_one(self, item: Any, index: int) -> np.ndarray:
-        if is_torch_tensor(item) and item.is_cuda:
-            item = item.cpu()  # the queue stages host memory; on the host RGBA goes through Pillow too
-        return as_host_pixels(decode_image(item, index, self.spec))
-
-    def _decode(self, items: list[Any], offset: int, on_error: str) -> list[Any]:
-        """Host pixels per item (files and bytes decoded in parallel); None for a bad one with
-        on_error="nan", else ItemError naming it. ``offset`` is the caller's index of items[0]."""
-        if sum(isinstance(item, _ENCODED) for item in items) > 1:
-            futures = ordered_map(
-                self._decode_pool,
-                lambda item, k: self._decode_one(item, offset + k),
-                items,
-                self._decode_ahead,
-            )
-            results: Iterable[Callable[[], Any]] = (f.result for f in futures)
-        else:  # arrays, tensors, PIL images: nothing worth a thread hop
-            results = (functools.partial(self._decode_one, item, offset + k) for k, item in enumerate(items))
-        pixels: list[Any] = []
-        try:
-            for k, result in enumerate(results):
-                try:
-                    pixels.append(result())
-                except (ValueError, TypeError) as e:
-                    if on_error == "raise":
-                        raise ItemError(offset + k, str(e)) from e
-                    pixels.append(None)
-        except (RuntimeError, concurrent.futures.CancelledError) as e:
-            if self._closed:  # close() shut the decoding pool down under us
-                raise EngineError("this Encoder is closed") from e
-            raise
-        return pixels
-
     def submit_pixels(self, pixels: Sequence[np.ndarray]) -> concurrent.futures.Future:
         """Queue decoded host pixels (``decode_image``'s arrays: uint8 (H, W) or (H, W, 3), packed
         pixels) and return a Future of ``(rows, item_errors)``: the engine's (n, D) float32 rows as
         they come out, and per image "" or why preprocessing refused it (its row is NaN). An engine
         failure sets the Future's exception (EngineError)."""
-        if self._closed:
-            raise EngineError("this Encoder is closed")
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        future.set_running_or_notify_cancel()
-        if not pixels:
-            future.set_result((np.zeros((0, self.dim), np.float32), []))
-            return future
-
-        def done(request: _C.Request) -> None:
-            _resolve(future, lambda: (request.result(), list(request.item_errors)))
-
-        self._queue.submit(list(pixels), done)
-        return future
-
-    def _submit_decoded(
-        self, pixels: list[Any], offset: int, normalize: bool, on_error: str
-    ) -> concurrent.futures.Future:
-        """Queue the decoded items (None: bad, a NaN row); a Future of their (n, D) rows."""
+        self._check_args("raise", "numpy")
         n = len(pixels)
-        good = [i for i in range(n) if pixels[i] is not None]
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        future.set_running_or_notify_cancel()
+        errors = lambda m: (m.rows, [m.errors.get(k, "") for k in range(n)])  # noqa: E731
+        return self._images.submit(list(pixels), errors, raise_item_errors=True)
 
-        def finish(queued: concurrent.futures.Future) -> np.ndarray:
-            rows, item_errors = queued.result()
-            failed = [k for k, why in enumerate(item_errors) if why]
-            if failed and on_error == "raise":
-                raise ItemError(offset + good[failed[0]], item_errors[failed[0]])
-            result = np.full((n, self.dim), np.nan, dtype=np.float32)
-            result[good] = rows  # refused items' rows are NaN already
-            return l2_normalize(result) if normalize else result
-
-        self.submit_pixels([pixels[i] for i in good]).add_done_callback(
-            lambda queued: _resolve(future, lambda: finish(queued))
-        )
-        return future
+    def _stream(
+        self, items: Sequence[Any], *, load: Callable[[Any], Any] | None, batch: int, workers: int
+    ) -> Iterator[Item]:
+        """The bulk jobs' way in (``embed_files``): every item in order with its L2-normalized row or
+        its error, a few batches in flight, decoded on ``workers`` threads (``load`` runs there)."""
+        return self._images.stream(items, load=load, batch=batch, workers=workers)
 
     @staticmethod
     def _convert(result: np.ndarray, output: str) -> Any:
@@ -556,15 +336,13 @@ class Encoder:
 
     def close(self, cancel: bool = False) -> None:
         """Finish the work in flight (``cancel=True``: fail it with an error) and release the engines."""
-        if self._closed:
+        if self._images.closed:
             return
-        self._closed = True
-        self._queue.close(cancel=cancel)
+        self._images.close(cancel=cancel)
         with self._text_lock:
             if self._text_runner is not None:
                 self._text_runner.close()
                 self._text_runner = None
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> Encoder:
         return self
@@ -574,155 +352,6 @@ class Encoder:
 
     def __repr__(self) -> str:
         return (
-            f"Encoder({self.model!r}, dim={self.dim}, device={self.device!r}, max_batch={self.max_batch}, "
-            f"size={self.spec.size})"
+            f"Encoder({self.model!r}, dim={self.dim}, device={self.device!r}, engine={self.engine!r}, "
+            f"precision={self.precision!r}, max_batch={self.max_batch}, size={self.spec.size})"
         )
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loading
-
-
-def _load_bundle(path: Path, kind: str, index: int, threads: int | None) -> _Towers:
-    """Engines + preprocessing + tokenizer from an exported bundle (plan, ONNX or sidecar path)."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix not in (metadata.PLAN_SUFFIX, metadata.ONNX_SUFFIX, metadata.SIDECAR_SUFFIX):
-        raise ValueError(f"{path}: expected a .plan (TensorRT), .onnx (ONNX Runtime) or .json (sidecar) file")
-    sidecar = path if suffix == metadata.SIDECAR_SUFFIX else metadata.bundle_paths(path).sidecar
-    meta = metadata.load(sidecar) if sidecar.is_file() else None
-    if suffix == metadata.SIDECAR_SUFFIX:
-        image_tower = meta.towers["image"]
-        use_plan = (
-            image_tower.plan is not None and kind != "cpu" and (kind == "cuda" or _C.cuda_device_count() > 0)
-        )
-        path = meta.path(image_tower.plan if use_plan else image_tower.onnx)
-        suffix = path.suffix.lower()
-    bundle = metadata.bundle_paths(path)
-
-    if suffix == metadata.PLAN_SUFFIX:
-        if kind == "cpu":
-            raise ValueError(f"{path}: TensorRT plans run on CUDA devices; use the .onnx with device='cpu'")
-
-        def make(p: Path, tower: str) -> _C.Engine:
-            return _C.TrtEngine(p, device=index, search_dirs=trt_library.search_dirs())
-    else:
-        if kind == "auto":
-            from .engines import cuda_provider_available
-
-            kind = "cuda" if _C.cuda_device_count() > 0 and cuda_provider_available() else "cpu"
-        if kind == "cuda":
-            _check_cuda(index)
-        precision = meta.precision if meta is not None else "fp32"
-
-        def make(p: Path, tower: str) -> _C.Engine:
-            from .engines import OnnxEngine
-
-            batch = meta.towers[tower].batch if meta is not None and tower in meta.towers else None
-            return OnnxEngine(
-                p, device=kind, device_index=index, precision=precision, threads=threads, batch=batch
-            )
-
-    image = make(path, "image")
-    text_path: Path | None = (bundle.plan if suffix == metadata.PLAN_SUFFIX else bundle.onnx)["text"]
-    if meta is not None:
-        text_tower = meta.towers.get("text")
-        text_file = (
-            None
-            if text_tower is None
-            else (text_tower.plan if suffix == metadata.PLAN_SUFFIX else text_tower.onnx)
-        )
-        text_path = meta.path(text_file) if text_file else None
-    # Made on first use, once (the tokenizer of a bundle without sidecar reads its context length).
-    text = (
-        functools.cache(lambda: make(text_path, "text"))
-        if text_path is not None and text_path.is_file()
-        else None
-    )
-
-    engine_size, engine_dim = image.info.inputs[0].shape[-1], image.info.outputs[0].shape[1]
-    if meta is not None:
-        if (meta.preprocess.size, meta.embed_dim) != (engine_size, engine_dim):
-            raise EngineError(
-                f"{sidecar} does not describe {path}: it says {meta.preprocess.size} px -> "
-                f"{meta.embed_dim}-d, the engine takes {engine_size} px -> {engine_dim}-d (a stale sidecar?)"
-            )
-        spec = PreprocessSpec(**meta.preprocess.to_dict())
-        tokenizer = None
-        if meta.tokenizer is not None:
-            tok, base = meta.tokenizer.to_dict(), sidecar.parent
-            tokenizer = lambda: load_tokenizer(tok, base)  # noqa: E731
-        return _Towers(
-            image, text, spec, tokenizer, meta.embed_dim, meta.model, meta.logit_scale, meta.logit_bias, meta
-        )
-
-    warnings.warn(
-        f"{path}: no sidecar {sidecar.name}; preprocessing uses open_clip's defaults at {engine_size} px "
-        "(OpenAI mean/std, bicubic, 'shortest') and text, if any, the CLIP BPE tokenizer: check they match",
-        UserWarning,
-        stacklevel=3,
-    )
-    tokenizer = None
-    if text is not None:
-
-        def tokenizer() -> Tokenizer:
-            shape = text().info.inputs[0].shape
-            context = shape[1] if len(shape) > 1 else DEFAULT_CONTEXT_LENGTH
-            return load_tokenizer({"kind": CLIP_BPE_KIND, "vocab": None, "context_length": context})
-
-    return _Towers(image, text, PreprocessSpec(size=engine_size), tokenizer, engine_dim, path.stem)
-
-
-def _load_open_clip(
-    model: str,
-    *,
-    weights: Any,
-    pretrained: str | None,
-    random_weights: bool,
-    image_size: int | None,
-    device: str,
-    index: int,
-    precision: str,
-    max_batch: int | None,
-) -> _Towers:
-    import torch
-
-    from . import models
-    from .engines import TorchEngine
-
-    if precision not in metadata.PRECISIONS:
-        raise ValueError(f"precision must be one of {list(metadata.PRECISIONS)}, got {precision!r}")
-    if device == "cuda":
-        _check_cuda(index)
-        if not torch.cuda.is_available():
-            raise EngineError(
-                "device='cuda' needs a CUDA build of torch (torch.cuda.is_available() is False)"
-            )
-    loaded = models.load_model(
-        model, weights=weights, pretrained=pretrained, random_weights=random_weights, image_size=image_size
-    )
-    net = loaded.model_in(precision)
-    net = net.to(torch.device(device, index) if device == "cuda" else torch.device("cpu")).eval()
-    embed_dim = int(models.model_config(model)["embed_dim"])
-    dtype = "float16" if precision == "fp16" else "float32"
-    limit = max_batch or metadata.DEFAULT_MAX_BATCH
-    common = {
-        "embed_dim": embed_dim,
-        "device": device,
-        "device_index": index,
-        "batch": metadata.BatchProfile(1, limit, limit),
-    }
-    image = TorchEngine(
-        net, "image", input_shape=(3, loaded.image_size, loaded.image_size), input_dtype=dtype, **common
-    )
-
-    def text() -> _C.Engine:
-        return TorchEngine(net, "text", input_shape=(loaded.context_length,), input_dtype="int64", **common)
-
-    spec = PreprocessSpec(**loaded.preprocess.to_dict())
-    tok = loaded.tokenizer.to_dict()
-    with torch.no_grad():
-        scale = float(net.logit_scale.exp()) if getattr(net, "logit_scale", None) is not None else None
-        bias = float(net.logit_bias) if getattr(net, "logit_bias", None) is not None else None
-    return _Towers(image, text, spec, lambda: load_tokenizer(tok), embed_dim, model, scale, bias)

@@ -31,6 +31,13 @@ _ORT_DTYPES = {
 }
 # The exporter's default profile: batches up to DEFAULT_MAX_BATCH, tuned for the largest.
 DEFAULT_BATCH = metadata.BatchProfile(1, metadata.DEFAULT_MAX_BATCH, metadata.DEFAULT_MAX_BATCH)
+NATIVE_DYNAMIC_BATCH = -1  # how the native TensorSpec writes a dynamic batch axis
+
+
+def native_tensor(name: str, dtype: str, shape: tuple) -> _C.TensorSpec:
+    """A native TensorSpec of a shape written as in the sidecar: the one place where its dynamic batch
+    axis (``metadata.BATCH_DIM``) becomes the native one (-1)."""
+    return _C.TensorSpec(name, dtype, [NATIVE_DYNAMIC_BATCH if d == metadata.BATCH_DIM else d for d in shape])
 
 
 def _profile(batch: metadata.BatchProfile | None) -> tuple[int, int, int]:
@@ -38,23 +45,21 @@ def _profile(batch: metadata.BatchProfile | None) -> tuple[int, int, int]:
     return (b.min, b.opt, b.max)
 
 
-def _onnx_shape(shape: list[Any], where: str) -> list[int]:
-    """An ONNX shape as the queue takes it: a symbolic batch becomes -1 (dynamic); a fixed batch
-    (a graph exported with batch 1, say) stays fixed; other dimensions must be fixed."""
-    batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else -1
-    dims = [batch]
+def _onnx_shape(shape: list[Any], where: str) -> tuple[int | str, ...]:
+    """An ONNX shape with a symbolic batch written ``metadata.BATCH_DIM``; a fixed batch (a graph
+    exported with batch 1, say) stays fixed; other dimensions must be fixed."""
+    batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else metadata.BATCH_DIM
     for d in shape[1:]:
         if not isinstance(d, int) or d <= 0:
             raise EngineError(f"{where}: only the batch dimension may be dynamic, got shape {shape}")
-        dims.append(d)
-    return dims
+    return (batch, *shape[1:])
 
 
 def ort_session_options(precision: str, threads: int | None) -> Any:
     """ONNX Runtime session options for one of our towers.
 
-    fp16 graphs run with graph optimizations off: ONNX Runtime 1.32 crashes (SIGSEGV) optimizing
-    open_clip's fp16 graphs on the CPU (REFERENCE.md §3.2)."""
+    fp16 graphs run with graph optimizations off: ONNX Runtime 1.32's CPU graph optimizer crashes
+    (SIGSEGV) on open_clip's fp16 graphs."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -113,7 +118,7 @@ class OnnxEngine(_C.Engine):
             v = values[0]
             if v.type not in _ORT_DTYPES:
                 raise EngineError(f"{os.fspath(path)}: {kind} {v.name!r} has unsupported type {v.type}")
-            specs.append(_C.TensorSpec(v.name, _ORT_DTYPES[v.type], _onnx_shape(v.shape, f"{path} {kind}")))
+            specs.append(native_tensor(v.name, _ORT_DTYPES[v.type], _onnx_shape(v.shape, f"{path} {kind}")))
         fixed = specs[0].shape[0]
         profile = (fixed, fixed, fixed) if fixed > 0 else _profile(batch)  # the queue pads to a fixed batch
         super().__init__(_C.EngineInfo([specs[0]], [specs[1]], profile, device, device_index))
@@ -167,8 +172,8 @@ class TorchEngine(_C.Engine):
         in_name, out_name = metadata.TOWER_TENSOR_NAMES[tower]
         super().__init__(
             _C.EngineInfo(
-                [_C.TensorSpec(in_name, input_dtype, [-1, *input_shape])],
-                [_C.TensorSpec(out_name, metadata.OUTPUT_DTYPE, [-1, embed_dim])],
+                [native_tensor(in_name, input_dtype, (metadata.BATCH_DIM, *input_shape))],
+                [native_tensor(out_name, metadata.OUTPUT_DTYPE, (metadata.BATCH_DIM, embed_dim))],
                 _profile(batch),
                 device,
                 device_index,

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.export import Dim
 
 from . import __version__, metadata, models, trt_build
+from .embed_files import progress_bar
 from .metadata import BATCH_DIM, RGB_CHANNELS, BundlePaths, bundle_paths
 
 __all__ = ["ExportError", "ParityError", "bundle_paths", "check_onnx_parity", "export"]
@@ -83,16 +84,6 @@ def _size(path: Path) -> str:
     data = BundlePaths.data(path)
     extra = f" + {data.stat().st_size / MIB:.1f} MiB {data.name}" if data.exists() else ""
     return f"{path.name} ({total / MIB:.1f} MiB{extra})"
-
-
-class _Progress:
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.start = time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        if not self.quiet:
-            print(f"[export {time.perf_counter() - self.start:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 # --- the towers as modules --------------------------------------------------------------------------------
@@ -178,7 +169,7 @@ def _export_tower(
 # --- parity -------------------------------------------------------------------------------------------------
 
 
-def parity_images(preprocess: metadata.Preprocess, batch: int, seed: int = PARITY_SEED) -> np.ndarray:
+def parity_images(preprocess: metadata.PreprocessSpec, batch: int, seed: int = PARITY_SEED) -> np.ndarray:
     """Deterministic model inputs: random uint8 pixels at the model size, normalized as open_clip
     does (``/255``, ``- mean``, ``/ std`` in float32)."""
     rng = np.random.default_rng([seed, batch])
@@ -298,8 +289,8 @@ def check_onnx_parity(
 
 def _onnx_parity(inputs: _ParityInputs, onnx_path: Path, tower: str, precision: str) -> metadata.Parity:
     input_name = metadata.TOWER_TENSOR_NAMES[tower][0]
-    # ORT 1.32's CPU graph optimizer segfaults on open_clip fp16 graphs (REFERENCE 3.2):
-    # In a child process: ONNX Runtime crashing on a graph fails the check instead of the export.
+    # In a child process: ONNX Runtime crashing on a graph (1.32's CPU graph optimizer segfaults on
+    # open_clip's fp16 graphs) fails the check instead of the export.
     outs = _run_onnxruntime(onnx_path, input_name, inputs.arrays[tower], precision)
     return _compare("onnxruntime", tower, inputs.refs[tower], outs, MIN_COS[precision])
 
@@ -329,10 +320,10 @@ def _versions(**extra: str | None) -> dict[str, str | None]:
 
 
 def _bundle_tokenizer(
-    tok_spec: metadata.Tokenizer, tokenizer: Any | None, paths: BundlePaths, progress: _Progress
+    tok_spec: metadata.Tokenizer, tokenizer: Any | None, paths: BundlePaths, progress: Callable[[str], None]
 ) -> metadata.Tokenizer:
     """Put what the tokenizer needs offline into the bundle; returns the spec naming those files."""
-    if tok_spec.kind == "clip_bpe":
+    if tok_spec.kind == metadata.CLIP_BPE_KIND:
         dest = paths.directory / tok_spec.vocab
         if not (dest.exists() and filecmp.cmp(models.CLIP_BPE_VOCAB, dest, shallow=False)):
             shutil.copyfile(models.CLIP_BPE_VOCAB, dest)
@@ -363,7 +354,7 @@ def _export_onnx(
     tokenizer: Any | None,
     profile: metadata.BatchProfile,
     paths: BundlePaths,
-    progress: _Progress,
+    progress: Callable[[str], None],
 ) -> dict[str, metadata.Tower]:
     net = loaded.model_in(precision)
     modules = {"image": _ImageTower(net, _TORCH_DTYPES[precision]), "text": _TextTower(net)}
@@ -443,67 +434,78 @@ def export(
         raise ValueError(f"opt_batch ({opt_batch}) must not exceed max_batch ({max_batch})")
     paths = bundle_paths(out)
     cache_path = None if timing_cache is None else Path(timing_cache)
-    progress = _Progress(quiet)
+    start = time.perf_counter()
+    bar = progress_bar(None, False if quiet else None, desc="export", unit=" stages")
 
-    progress(f"load {model} ({_describe_source(weights, pretrained, random_weights)})")
-    loaded = models.load_model(
-        model,
-        weights=weights,
-        pretrained=pretrained,
-        random_weights=random_weights,
-        image_size=image_size,
-        seed=seed,
-        cache_dir=cache_dir,
-    )
-    if loaded.weights.source == "random":
-        progress("WARNING: RANDOM WEIGHTS: these embeddings are meaningless; use this bundle for tests only")
-    progress(
-        f"loaded: {loaded.image_size} px, context {loaded.context_length}, {precision}, "
-        f"weights {loaded.weights.name}"
-    )
-    paths.directory.mkdir(parents=True, exist_ok=True)
-    _remove_stale(paths)
-    towers = ["image", "text"] if text else ["image"]
-    tokenizer, why_not = loaded.open_clip_tokenizer() if text else (None, "")
-    profile = metadata.BatchProfile(1, opt_batch, max_batch)
-    tower_specs = _export_onnx(loaded, precision, towers, tokenizer, profile, paths, progress)
+    def progress(message: str) -> None:  # each stage a line on stderr, above tqdm's bar on a terminal
+        if not quiet:
+            bar.write(f"[export {time.perf_counter() - start:7.1f}s] {message}", file=sys.stderr)
+        bar.update()
 
-    versions = _versions()
-    inputs = None
-    verification: list[metadata.Parity] = []
-    if verify:
-        import onnxruntime
+    with bar:
+        progress(f"load {model} ({_describe_source(weights, pretrained, random_weights)})")
+        loaded = models.load_model(
+            model,
+            weights=weights,
+            pretrained=pretrained,
+            random_weights=random_weights,
+            image_size=image_size,
+            seed=seed,
+            cache_dir=cache_dir,
+        )
+        if loaded.weights.source == "random":
+            progress(
+                "WARNING: RANDOM WEIGHTS: these embeddings are meaningless; use this bundle for tests only"
+            )
+        progress(
+            f"loaded: {loaded.image_size} px, context {loaded.context_length}, {precision}, "
+            f"weights {loaded.weights.name}"
+        )
+        paths.directory.mkdir(parents=True, exist_ok=True)
+        _remove_stale(paths)
+        towers = ["image", "text"] if text else ["image"]
+        tokenizer, why_not = loaded.open_clip_tokenizer() if text else (None, "")
+        profile = metadata.BatchProfile(1, opt_batch, max_batch)
+        tower_specs = _export_onnx(loaded, precision, towers, tokenizer, profile, paths, progress)
 
-        versions["onnxruntime"] = onnxruntime.__version__
-        if text and tokenizer is None:
-            progress(f"text parity on random token ids: {why_not}")
-        inputs = _parity_inputs(loaded, towers, [b for b in PARITY_BATCHES if b <= max_batch], tokenizer)
-        for tower in towers:
-            verification.append(_onnx_parity(inputs, paths.onnx[tower], tower, precision))
-            progress(f"parity {verification[-1]}")
-        _gate(verification, "ONNX Runtime outputs")
+        versions = _versions()
+        inputs = None
+        verification: list[metadata.Parity] = []
+        if verify:
+            import onnxruntime
 
-    logit_bias = getattr(loaded.model, "logit_bias", None)
-    meta = metadata.Metadata(
-        model=model,
-        embed_dim=tower_specs["image"].output.shape[1],
-        precision=precision,
-        preprocess=loaded.preprocess,
-        towers=tower_specs,
-        tokenizer=_bundle_tokenizer(loaded.tokenizer, tokenizer, paths, progress) if text else None,
-        context_length=loaded.context_length if text else None,
-        logit_scale=float(loaded.model.logit_scale.detach().exp()),
-        logit_bias=None if logit_bias is None else float(logit_bias.detach()),
-        weights=loaded.weights,
-        versions=versions,
-        verification=tuple(verification),
-    )
-    meta = metadata.save(meta, paths.sidecar)
-    progress(f"wrote {paths.sidecar.name}")
-    if paths.build_plans:
-        meta = _build_plans(meta, paths, towers, precision, version_compatible, cache_path, inputs, progress)
-    progress("done")
-    return meta
+            versions["onnxruntime"] = onnxruntime.__version__
+            if text and tokenizer is None:
+                progress(f"text parity on random token ids: {why_not}")
+            inputs = _parity_inputs(loaded, towers, [b for b in PARITY_BATCHES if b <= max_batch], tokenizer)
+            for tower in towers:
+                verification.append(_onnx_parity(inputs, paths.onnx[tower], tower, precision))
+                progress(f"parity {verification[-1]}")
+            _gate(verification, "ONNX Runtime outputs")
+
+        logit_bias = getattr(loaded.model, "logit_bias", None)
+        meta = metadata.Metadata(
+            model=model,
+            embed_dim=tower_specs["image"].output.shape[1],
+            precision=precision,
+            preprocess=loaded.preprocess,
+            towers=tower_specs,
+            tokenizer=_bundle_tokenizer(loaded.tokenizer, tokenizer, paths, progress) if text else None,
+            context_length=loaded.context_length if text else None,
+            logit_scale=float(loaded.model.logit_scale.detach().exp()),
+            logit_bias=None if logit_bias is None else float(logit_bias.detach()),
+            weights=loaded.weights,
+            versions=versions,
+            verification=tuple(verification),
+        )
+        meta = metadata.save(meta, paths.sidecar)
+        progress(f"wrote {paths.sidecar.name}")
+        if paths.build_plans:
+            meta = _build_plans(
+                meta, paths, towers, precision, version_compatible, cache_path, inputs, progress
+            )
+        progress("done")
+        return meta
 
 
 def _build_plans(
@@ -514,7 +516,7 @@ def _build_plans(
     version_compatible: bool,
     cache_path: Path | None,
     inputs: _ParityInputs | None,
-    progress: _Progress,
+    progress: Callable[[str], None],
 ) -> metadata.Metadata:
     specs = {
         tower: trt_build.EngineSpec(

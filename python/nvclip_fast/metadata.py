@@ -9,18 +9,23 @@ An export writes, next to each other::
     bpe_simple_vocab_16e6.txt.gz        the CLIP BPE vocabulary (CLIP-BPE tokenizers)
 
 Every file name in the sidecar is relative to the sidecar's directory. The engine I/O tensor names,
-the schema version and the accepted values are defined here and nowhere else; the exporter writes
-them, the runtime and the tests read them. This module imports only the standard library.
+the schema version, the accepted values and the entries' types (``PreprocessSpec``, ``Tokenizer``,
+...) are defined here and nowhere else; the exporter writes them, the runtime and the tests read
+them. This module imports only the standard library (and the native module for ``spec._params``).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 import math
+import numbers
 import os
+import re
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,7 @@ __all__ = [
     "MetadataError",
     "Parity",
     "Preprocess",
+    "PreprocessSpec",
     "TensorSpec",
     "Tokenizer",
     "Tower",
@@ -66,14 +72,31 @@ TOWER_INPUT_DTYPES = {"image": ("float32", "float16"), "text": ("int32", "int64"
 OUTPUT_DTYPE = "float32"
 INTERPOLATIONS = ("bicubic", "bilinear")  # open_clip eval transforms (torchvision -> PIL resample)
 RESIZE_MODES = ("shortest", "longest", "squash")  # open_clip PreprocessCfg.resize_mode
+# The sidecar's "preprocess" entry: PreprocessSpec's fields but the pass order (a reader's choice).
+PREPROCESS_KEYS = ("size", "mean", "std", "interpolation", "resize_mode", "fill")
+# Which of Pillow's two resampling passes runs first (the uint8 image between them makes it matter):
+#   "pillow13": vertical first when the height shrinks by more than twice as many pixels as the width;
+#   "pillow12.2": vertical first for images taller than 100x their width (Pillow 12.2-12.3);
+#   "pillow12.1": always horizontal first (Pillow <= 12.1).
+PASS_ORDERS = ("pillow13", "pillow12.2", "pillow12.1")
+# open_clip/constants.py
+OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
 # clip_bpe: open_clip SimpleTokenizer; hf: open_clip HFTokenizer (AutoTokenizer by name);
 # siglip: open_clip SigLipTokenizer (sentencepiece vocabulary variant, for *-SigLIP names without one).
-TOKENIZER_KINDS = ("clip_bpe", "hf", "siglip")
+CLIP_BPE_KIND, HF_KIND, SIGLIP_KIND = TOKENIZER_KINDS = ("clip_bpe", "hf", "siglip")
 TOKENIZER_CLEAN = ("lower", "whitespace", "canonicalize")  # open_clip tokenizer.get_clean_fn
+TOKENIZER_KEYS = {  # what a sidecar's "tokenizer" entry holds, per kind
+    CLIP_BPE_KIND: ("kind", "vocab", "context_length", "clean"),
+    HF_KIND: ("kind", "name", "context_length", "clean", "strip_sep_token", "mode", "files"),
+    SIGLIP_KIND: ("kind", "name", "context_length", "files"),
+}
 WEIGHT_SOURCES = ("file", "pretrained", "random")
 PARITY_BACKENDS = ("onnxruntime", "tensorrt")
 RGB_CHANNELS = 3
 UINT8_MAX = 255
+# The largest magnitude that rounds to 0.0 in float32: half the smallest subnormal (ties to even).
+FLOAT32_ROUNDS_TO_ZERO = 2.0**-150
 SHA256_HEX_LENGTH = 64
 EMBEDS_RANK = 2  # outputs are (batch, embed_dim)
 ONNX_SUFFIX = ".onnx"
@@ -154,45 +177,145 @@ def _triple(value: Any, where: str, positive: bool = False) -> tuple[float, floa
 # --- the schema -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Preprocess:
-    """open_clip's eval transform as data (``open_clip.get_model_preprocess_cfg(model)``).
+def pass_order_for_pillow(version: str) -> str:
+    """The pass order of a Pillow version string ("13.0.0", "12.2.1", "11.3.0", "13.1.0.dev0")."""
+    parts = [int(n) for n in re.findall(r"\d+", version)[:2]]
+    major, minor = [*parts, 0, 0][:2]
+    if major >= 13:
+        return "pillow13"
+    if (major, minor) >= (12, 2):
+        return "pillow12.2"
+    return "pillow12.1"
 
-    ``size`` is the square crop side; ``fill`` is the uint8 pad value (open_clip's ``fill_color``).
-    The key names are what ``PreprocessSpec(**sidecar["preprocess"])`` takes.
+
+@functools.cache
+def default_pass_order() -> str:
+    """The installed Pillow's pass order (Pillow 13's when Pillow is absent)."""
+    try:
+        return pass_order_for_pillow(importlib.metadata.version("pillow"))
+    except importlib.metadata.PackageNotFoundError:
+        return "pillow13"
+
+
+def _per_channel(name: str, value: Any) -> tuple[float, float, float]:
+    # open_clip's image_transform: a scalar mean/std means the same for all three channels.
+    values = (value,) * RGB_CHANNELS if isinstance(value, numbers.Real) else tuple(value)
+    if len(values) != RGB_CHANNELS:
+        raise ValueError(f"{name} must have {RGB_CHANNELS} values (one per RGB channel), got {len(values)}")
+    floats = tuple(float(v) for v in values)
+    if not all(math.isfinite(v) for v in floats):
+        raise ValueError(f"{name} must be finite, got {floats}")
+    return floats  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """open_clip's eval transform as data: resize (``resize_mode``, ``interpolation``) to ``size``,
+    center crop or pad with ``fill``, then ``(x / 255 - mean) / std`` per RGB channel.
+
+    The defaults are open_clip's (``PreprocessCfg``): OpenAI mean/std, bicubic, shortest — what a
+    model loaded from a weights file such as NVIDIA's NVCLIP gets. ``pass_order`` selects the
+    Pillow whose results to reproduce (default: the installed one). The sidecar's ``preprocess``
+    entry holds every field but ``pass_order`` (:meth:`to_dict`; ``PreprocessSpec(**entry)``).
     """
 
     size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str
-    resize_mode: str
+    mean: tuple[float, float, float] = OPENAI_DATASET_MEAN
+    std: tuple[float, float, float] = OPENAI_DATASET_STD
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
     fill: int = 0
+    pass_order: str = field(default_factory=default_pass_order)
 
     def __post_init__(self) -> None:
-        _int(self.size, "preprocess.size", minimum=1)
-        object.__setattr__(self, "mean", _triple(self.mean, "preprocess.mean"))
-        object.__setattr__(self, "std", _triple(self.std, "preprocess.std", positive=True))
-        _str(self.interpolation, "preprocess.interpolation", INTERPOLATIONS)
-        _str(self.resize_mode, "preprocess.resize_mode", RESIZE_MODES)
-        if _int(self.fill, "preprocess.fill", minimum=0) > UINT8_MAX:
-            raise _err("preprocess.fill", f"expected a uint8 value (0..{UINT8_MAX}), got {self.fill}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "size": self.size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "interpolation": self.interpolation,
-            "resize_mode": self.resize_mode,
-            "fill": self.fill,
-        }
+        if isinstance(self.size, bool) or not isinstance(self.size, numbers.Integral) or self.size < 1:
+            raise ValueError(f"size must be a positive int, got {self.size!r}")
+        object.__setattr__(self, "size", int(self.size))
+        object.__setattr__(self, "mean", _per_channel("mean", self.mean))
+        std = _per_channel("std", self.std)
+        if any(abs(s) <= FLOAT32_ROUNDS_TO_ZERO for s in std):
+            raise ValueError(f"std must be non-zero in float32, got {std}")
+        object.__setattr__(self, "std", std)
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if isinstance(self.fill, bool) or not isinstance(self.fill, numbers.Integral):
+            raise ValueError(f"fill must be an int in 0..{UINT8_MAX}, got {self.fill!r}")
+        if not 0 <= self.fill <= UINT8_MAX:
+            raise ValueError(f"fill must be in 0..{UINT8_MAX}, got {self.fill}")
+        object.__setattr__(self, "fill", int(self.fill))
+        if self.pass_order not in PASS_ORDERS:
+            raise ValueError(f"pass_order must be one of {PASS_ORDERS}, got {self.pass_order!r}")
 
     @classmethod
-    def from_dict(cls, d: Any) -> Preprocess:
+    def from_open_clip(cls, model_or_cfg: Any, **overrides: Any) -> PreprocessSpec:
+        """The spec of an open_clip model (``model.visual.preprocess_cfg``), of an open_clip
+        ``PreprocessCfg``, or of its dict. ``overrides`` replace fields (e.g. ``pass_order``)."""
+        cfg = model_or_cfg
+        visual = getattr(cfg, "visual", None)
+        if visual is not None:
+            cfg = getattr(visual, "preprocess_cfg", None)
+            if cfg is None:
+                raise ValueError("model.visual has no preprocess_cfg (not an open_clip model?)")
+        if not isinstance(cfg, dict):
+            cfg = dict(vars(cfg))
+        size = cfg.get("size", 224)
+        if isinstance(size, (tuple, list)):
+            if len(size) != 2 or size[0] != size[1]:
+                raise ValueError(f"only square image sizes are supported, got {tuple(size)}")
+            size = size[0]
+        mode = cfg.get("mode", "RGB")
+        if mode != "RGB":
+            raise ValueError(f"only mode 'RGB' is supported (as in open_clip), got {mode!r}")
+        fields = {
+            "size": size,
+            "mean": cfg.get("mean") or OPENAI_DATASET_MEAN,
+            "std": cfg.get("std") or OPENAI_DATASET_STD,
+            "interpolation": cfg.get("interpolation") or "bicubic",
+            "resize_mode": cfg.get("resize_mode") or "shortest",
+            "fill": cfg.get("fill_color", 0),
+        }
+        fields.update(overrides)
+        return cls(**fields)
+
+    @functools.cached_property
+    def _params(self) -> Any:
+        """The native parameters (``_C.PreprocessParams``, private to nvclip_fast)."""
+        from . import _C
+
+        p = _C.PreprocessParams()
+        p.size, p.mean, p.std, p.fill = self.size, self.mean, self.std, self.fill
+        p.interpolation = getattr(_C.Interpolation, self.interpolation)
+        p.resize_mode = getattr(_C.ResizeMode, self.resize_mode)
+        p.pass_order = getattr(_C.PassOrder, self.pass_order.replace(".", "_"))
+        return p
+
+    def to_dict(self) -> dict[str, Any]:
+        """The sidecar's ``preprocess`` entry (``pass_order`` is the reader's, not the bundle's)."""
+        d = {k: getattr(self, k) for k in PREPROCESS_KEYS}
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> PreprocessSpec:
+        """A sidecar's ``preprocess`` entry, each key checked as the schema reads it (errors name it)."""
         d = _mapping(d, "preprocess")
-        keys = ("size", "mean", "std", "interpolation", "resize_mode", "fill")
-        return cls(**{k: _require(d, k, "preprocess") for k in keys})
+        entry = {k: _require(d, k, "preprocess") for k in PREPROCESS_KEYS}
+        _int(entry["size"], "preprocess.size", minimum=1)
+        _triple(entry["mean"], "preprocess.mean")
+        _triple(entry["std"], "preprocess.std", positive=True)
+        _str(entry["interpolation"], "preprocess.interpolation", INTERPOLATIONS)
+        _str(entry["resize_mode"], "preprocess.resize_mode", RESIZE_MODES)
+        _int(entry["fill"], "preprocess.fill", minimum=0)
+        try:
+            return cls(**entry)
+        except ValueError as e:
+            raise _err("preprocess", str(e)) from e
+
+
+# The sidecar entry's type under the name this schema gave it first.
+Preprocess = PreprocessSpec
 
 
 @dataclass(frozen=True)
@@ -224,32 +347,18 @@ class Tokenizer:
         _bool(self.strip_sep_token, "tokenizer.strip_sep_token")
         _opt_str(self.mode, "tokenizer.mode")
         _opt_str(self.files, "tokenizer.files")
-        if self.kind == "clip_bpe":
+        if self.kind == CLIP_BPE_KIND:
             _str(self.vocab, "tokenizer.vocab")
         else:
             _str(self.name, "tokenizer.name")
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"kind": self.kind}
-        if self.kind == "clip_bpe":
-            d.update(vocab=self.vocab, context_length=self.context_length, clean=self.clean)
-        elif self.kind == "hf":
-            d.update(
-                name=self.name,
-                context_length=self.context_length,
-                clean=self.clean,
-                strip_sep_token=self.strip_sep_token,
-                mode=self.mode,
-                files=self.files,
-            )
-        else:
-            d.update(name=self.name, context_length=self.context_length, files=self.files)
-        return d
+        return {key: getattr(self, key) for key in TOKENIZER_KEYS[self.kind]}
 
     @classmethod
     def from_dict(cls, d: Any) -> Tokenizer:
         d = _mapping(d, "tokenizer")
-        known = {"kind", "context_length", "vocab", "name", "clean", "strip_sep_token", "mode", "files"}
+        known = {f.name for f in fields(cls)}
         if unknown := set(d) - known:
             raise _err("tokenizer", f"unknown keys {sorted(unknown)}")
         return cls(
@@ -319,13 +428,8 @@ class Tower:
     batch: BatchProfile
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "onnx": self.onnx,
-            "plan": self.plan,
-            "input": self.input.to_dict(),
-            "output": self.output.to_dict(),
-            "batch": self.batch.to_dict(),
-        }
+        entries = {key: getattr(self, key).to_dict() for key in ("input", "output", "batch")}
+        return {"onnx": self.onnx, "plan": self.plan, **entries}
 
     @classmethod
     def from_dict(cls, d: Any, tower: str) -> Tower:
@@ -414,15 +518,7 @@ class Parity:
         return self.min_cos >= self.threshold
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "tower": self.tower,
-            "batches": list(self.batches),
-            "min_cos": self.min_cos,
-            "max_abs": self.max_abs,
-            "threshold": self.threshold,
-            "passed": self.passed,
-        }
+        return {**asdict(self), "batches": list(self.batches), "passed": self.passed}
 
     @classmethod
     def from_dict(cls, d: Any) -> Parity:
@@ -445,7 +541,7 @@ class Metadata:
     model: str
     embed_dim: int
     precision: str
-    preprocess: Preprocess
+    preprocess: PreprocessSpec
     towers: dict[str, Tower]
     tokenizer: Tokenizer | None
     context_length: int | None
@@ -560,7 +656,7 @@ class Metadata:
             model=_require(d, "model", "top level"),
             embed_dim=_require(d, "embed_dim", "top level"),
             precision=_require(d, "precision", "top level"),
-            preprocess=Preprocess.from_dict(_require(d, "preprocess", "top level")),
+            preprocess=PreprocessSpec.from_dict(_require(d, "preprocess", "top level")),
             towers={name: Tower.from_dict(t, name) for name, t in towers.items()},
             tokenizer=None if tokenizer is None else Tokenizer.from_dict(tokenizer),
             context_length=d.get("context_length"),

@@ -343,7 +343,7 @@ def tokenizer_spec(
     kwargs = dict(text_cfg.get("tokenizer_kwargs", {}))
     if hf_name := text_cfg.get("hf_tokenizer_name"):
         return metadata.Tokenizer(
-            kind="hf",
+            kind=metadata.HF_KIND,
             name=hf_name,
             context_length=context_length,
             clean=kwargs.get("clean", _default_arg(_oc_tokenizer.HFTokenizer, "clean")),
@@ -353,9 +353,9 @@ def tokenizer_spec(
     lowered = name.lower()
     if "siglip" in lowered:  # open_clip factory.get_tokenizer's variant rule
         variant = "gemma" if "siglip2" in lowered else "mc4" if "i18n" in lowered else "c4-en"
-        return metadata.Tokenizer(kind="siglip", name=variant, context_length=context_length)
+        return metadata.Tokenizer(kind=metadata.SIGLIP_KIND, name=variant, context_length=context_length)
     return metadata.Tokenizer(
-        kind="clip_bpe",
+        kind=metadata.CLIP_BPE_KIND,
         vocab=CLIP_BPE_VOCAB.name,
         context_length=context_length,
         clean=kwargs.get("clean", _default_arg(_oc_tokenizer.SimpleTokenizer, "clean")),
@@ -370,17 +370,9 @@ def _square(size: Any, what: str) -> int:
     return int(size)
 
 
-def preprocess_spec(model: torch.nn.Module) -> metadata.Preprocess:
+def preprocess_spec(model: torch.nn.Module) -> metadata.PreprocessSpec:
     """``open_clip.get_model_preprocess_cfg(model)`` as sidecar data."""
-    cfg = open_clip.get_model_preprocess_cfg(model)
-    return metadata.Preprocess(
-        size=_square(cfg["size"], "preprocess"),
-        mean=tuple(float(v) for v in cfg["mean"]),
-        std=tuple(float(v) for v in cfg["std"]),
-        interpolation=cfg["interpolation"],
-        resize_mode=cfg["resize_mode"],
-        fill=int(cfg.get("fill_color", 0)),
-    )
+    return metadata.PreprocessSpec.from_open_clip(open_clip.get_model_preprocess_cfg(model))
 
 
 # --- loading ---------------------------------------------------------------------------------------------
@@ -411,7 +403,7 @@ class LoadedModel:
     model: torch.nn.Module
     image_size: int
     context_length: int
-    preprocess: metadata.Preprocess
+    preprocess: metadata.PreprocessSpec
     tokenizer: metadata.Tokenizer
     weights: metadata.Weights
     create_kwargs: dict[str, Any] = field(repr=False)
@@ -430,10 +422,10 @@ class LoadedModel:
 
     def open_clip_tokenizer(self) -> tuple[Any | None, str]:
         """open_clip's own tokenizer for this model, offline: (tokenizer, "") or (None, why not)."""
-        if self.tokenizer.kind == "siglip":
+        if self.tokenizer.kind == metadata.SIGLIP_KIND:
             return None, "open_clip's SigLipTokenizer downloads its vocabulary"
         kwargs: dict[str, Any] = {"context_length": self.context_length}
-        if self.tokenizer.kind == "hf":
+        if self.tokenizer.kind == metadata.HF_KIND:
             kwargs["local_files_only"] = True  # passed through to AutoTokenizer.from_pretrained
         try:
             return open_clip.get_tokenizer(self.name, **kwargs), ""

@@ -1,6 +1,6 @@
 """Text tokenizers that reproduce open_clip's token ids exactly, without torch or open_clip.
 
-The kinds the sidecar's ``tokenizer`` entry names:
+The kinds the sidecar's ``tokenizer`` entry (``metadata.Tokenizer``) names:
 
 - ``clip_bpe``: OpenAI CLIP's byte-level BPE (open_clip's ``SimpleTokenizer``), implemented here; it
   needs the BPE merges file (``bpe_simple_vocab_16e6.txt.gz``, copied into the exported bundle) and
@@ -19,21 +19,24 @@ import html
 import importlib.util
 import itertools
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-CLIP_BPE_KIND = "clip_bpe"
-HF_KIND = "hf"
-SIGLIP_KIND = "siglip"
+from . import metadata
+from .metadata import CLIP_BPE_KIND, HF_KIND, TOKENIZER_KINDS
+from .metadata import TOKENIZER_CLEAN as CLEAN_MODES
+
 # open_clip's SigLipTokenizer pads with id 1 ("</s>"; 0 for the gemma vocabulary) and ends with EOS id 1.
 SIGLIP_PAD_ID = {"gemma": 0}
 SIGLIP_DEFAULT_PAD_ID = 1
 SIGLIP_EOS_ID = 1
 CLIP_BPE_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"  # the merges file open_clip ships
 DEFAULT_CONTEXT_LENGTH = 77
+# The text cleaning when the entry names none: open_clip's SimpleTokenizer's and HFTokenizer's defaults.
+DEFAULT_CLEAN = {CLIP_BPE_KIND: "lower", HF_KIND: "whitespace"}
 
 # CLIP's vocabulary: 256 byte symbols, the same 256 as word ends ("</w>"), then the merges, then the
 # two special tokens; 49408 ids in all, so the merges file contributes 49408 - 512 - 2 merges.
@@ -45,7 +48,6 @@ _N_BYTE_SYMBOLS = 256
 _N_MERGES = CLIP_VOCAB_SIZE - 2 * _N_BYTE_SYMBOLS - 2
 _NO_MERGE = _N_MERGES  # rank of a pair that is not a merge: above every real rank
 
-CLEAN_MODES = ("lower", "whitespace", "canonicalize")
 _PUNCTUATION_TABLE = str.maketrans("", "", string.punctuation)
 
 
@@ -132,7 +134,7 @@ class ClipBpeTokenizer:
         self,
         vocab: str | Path | None = None,
         context_length: int = DEFAULT_CONTEXT_LENGTH,
-        clean: str = "lower",
+        clean: str = DEFAULT_CLEAN[CLIP_BPE_KIND],
     ):
         if clean not in CLEAN_MODES:
             raise ValueError(f"unknown clean mode {clean!r}; expected one of {CLEAN_MODES}")
@@ -226,7 +228,7 @@ class HfTokenizer:
         self,
         source: str | Path,
         context_length: int,
-        clean: str = "whitespace",
+        clean: str = DEFAULT_CLEAN[HF_KIND],
         strip_sep_token: bool = False,
         special_ids: dict[str, int] | None = None,
     ):
@@ -273,46 +275,33 @@ def _as_text_list(texts: str | Sequence[str]) -> list[str]:
     return texts
 
 
-def load_tokenizer(entry: dict[str, Any], base_dir: str | Path | None = None) -> Tokenizer:
-    """The tokenizer a sidecar's ``tokenizer`` entry describes; files are relative to ``base_dir``."""
-    kind = entry.get("kind")
+def load_tokenizer(
+    spec: metadata.Tokenizer | Mapping[str, Any], base_dir: str | Path | None = None
+) -> Tokenizer:
+    """The tokenizer a sidecar's ``tokenizer`` entry describes (a ``metadata.Tokenizer`` or its JSON
+    object); the files it names are relative to ``base_dir`` (default: the working directory)."""
+    kind = spec.get("kind") if isinstance(spec, Mapping) else spec.kind
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {list(TOKENIZER_KINDS)}")
+    spec = metadata.Tokenizer.from_dict(spec) if isinstance(spec, Mapping) else spec
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-    context_length = int(entry.get("context_length", DEFAULT_CONTEXT_LENGTH))
-    if kind == CLIP_BPE_KIND:
-        vocab = entry.get("vocab")
-        path = base / vocab if vocab else None
-        if path is not None and not path.is_file():
-            path = None  # bundle without its vocabulary: fall back to open_clip's copy, if installed
-        return ClipBpeTokenizer(path, context_length=context_length, clean=entry.get("clean", "lower"))
-    if entry.get("mode"):
-        raise ValueError(f"tokenizer mode {entry['mode']!r} (open_clip tokenizer_mode) is not supported")
-    if kind == SIGLIP_KIND:
-        # open_clip's SigLipTokenizer: a T5/Gemma sentencepiece vocabulary, canonicalized text.
-        files = entry.get("files")
-        if not files or not (base / files).is_dir():
-            raise FileNotFoundError(
-                f"the SigLIP tokenizer {entry.get('name')!r} is not in the bundle (open_clip downloads its "
-                "vocabulary): export where it can be downloaded so its files are saved"
-            )
-        variant = entry.get("name", "")
-        special = {
-            "pad_token_id": SIGLIP_PAD_ID.get(variant, SIGLIP_DEFAULT_PAD_ID),
-            "eos_token_id": SIGLIP_EOS_ID,
-        }
-        return HfTokenizer(
-            base / files, context_length=context_length, clean="canonicalize", special_ids=special
-        )
+    if kind == CLIP_BPE_KIND:  # a bundle without its vocabulary falls back to open_clip's copy, if installed
+        vocab = base / spec.vocab if spec.vocab and (base / spec.vocab).is_file() else None
+        return ClipBpeTokenizer(vocab, spec.context_length, spec.clean or DEFAULT_CLEAN[kind])
+    if spec.mode:
+        raise ValueError(f"tokenizer mode {spec.mode!r} (open_clip tokenizer_mode) is not supported")
+    files = base / spec.files if spec.files and (base / spec.files).is_dir() else None
     if kind == HF_KIND:
-        files = entry.get("files")
-        source = base / files if files and (base / files).is_dir() else entry.get("name")
-        if not source:
-            raise ValueError("tokenizer entry of kind 'hf' names neither saved files nor a tokenizer name")
-        return HfTokenizer(
-            source,
-            context_length=context_length,
-            clean=entry.get("clean", "whitespace"),
-            strip_sep_token=bool(entry.get("strip_sep_token", False)),
+        clean = spec.clean or DEFAULT_CLEAN[kind]
+        return HfTokenizer(files or str(spec.name), spec.context_length, clean, spec.strip_sep_token)
+    # open_clip's SigLipTokenizer: a T5/Gemma sentencepiece vocabulary, canonicalized text.
+    if files is None:
+        raise FileNotFoundError(
+            f"the SigLIP tokenizer {spec.name!r} is not in the bundle (open_clip downloads its "
+            "vocabulary): export where it can be downloaded so its files are saved"
         )
-    raise ValueError(
-        f"unknown tokenizer kind {kind!r}; expected {CLIP_BPE_KIND!r}, {HF_KIND!r} or {SIGLIP_KIND!r}"
-    )
+    special = {
+        "pad_token_id": SIGLIP_PAD_ID.get(str(spec.name), SIGLIP_DEFAULT_PAD_ID),
+        "eos_token_id": SIGLIP_EOS_ID,
+    }
+    return HfTokenizer(files, spec.context_length, "canonicalize", special_ids=special)

@@ -1,15 +1,17 @@
-// BatchQueue's CUDA path: pinned staging, H2D copy plans, NearestResizeStage's kernel writing the
-// engine input, a CUDA engine on the slot's stream, D2H of the rows. Every test skips (exit 77)
-// where no CUDA device is usable.
+// The CUDA slot runner under BatchQueue and EngineRunner: pinned staging, H2D copy plans, a stage's
+// kernel writing the engine input (NearestResizeStage, and the real ResizeNormalizeStage), a CUDA
+// engine on the slot's stream, D2H of the rows. Every case needs a device: without one the
+// executable exits 77 (test_main.cpp) and ctest reports the cases skipped.
 #include <atomic>
 #include <random>
 #include <thread>
 
 #include "batch_queue.h"
 #include "cuda_util.h"
+#include "engine_runner.h"
 #include "errors.h"
-#include "harness.h"
 #include "nearest_resize_stage.h"
+#include "resize_normalize_stage.h"
 #include "test_support.h"
 
 using namespace nvclip;
@@ -40,7 +42,7 @@ __global__ void channel_mean_kernel(const float* in, int64_t plane, int64_t batc
 
 class CudaChannelMeanEngine final : public Engine {
  public:
-  explicit CudaChannelMeanEngine(int32_t size) : Engine(cuda_info(size)), size_(size) {}
+  explicit CudaChannelMeanEngine(int32_t size, int32_t device = 0) : Engine(cuda_info(size, device)), size_(size) {}
   std::atomic<int> fail_call{-1};  // the call (0-based) to fail, -1: none
   std::atomic<int> calls{0};
 
@@ -54,17 +56,14 @@ class CudaChannelMeanEngine final : public Engine {
   }
 
  private:
-  static EngineInfo cuda_info(int32_t size) {
+  static EngineInfo cuda_info(int32_t size, int32_t device) {
     EngineInfo info = channel_mean_info(size, {1, 16, 64});
     info.device = DeviceKind::kCuda;
+    info.device_index = device;
     return info;
   }
   int32_t size_;
 };
-
-void require_gpu() {
-  if (cuda_device_count() == 0) SKIP("gpu: " + cuda_unavailable_reason());
-}
 
 BatchQueueOptions options(int64_t max_batch, size_t staging) {
   BatchQueueOptions o;
@@ -77,8 +76,7 @@ BatchQueueOptions options(int64_t max_batch, size_t staging) {
 
 }  // namespace
 
-TEST(cuda_rows_reach_their_callers) {
-  require_gpu();
+TEST_CASE("cuda_rows_reach_their_callers") {
   auto engine = std::make_shared<CudaChannelMeanEngine>(kSize);
   BatchQueue queue(engine, std::make_shared<NearestResizeStage>(kSize, DeviceKind::kCuda), options(16, 64 << 10));
   std::atomic<int> bad{0};
@@ -105,8 +103,7 @@ TEST(cuda_rows_reach_their_callers) {
   CHECK_EQ(bad.load(), 0);
 }
 
-TEST(cuda_engine_failure_fails_one_batch_and_the_queue_goes_on) {
-  require_gpu();
+TEST_CASE("cuda_engine_failure_fails_one_batch_and_the_queue_goes_on") {
   auto engine = std::make_shared<CudaChannelMeanEngine>(kSize);
   engine->fail_call = 0;
   BatchQueue queue(engine, std::make_shared<NearestResizeStage>(kSize, DeviceKind::kCuda), options(4, 1 << 20));
@@ -114,15 +111,14 @@ TEST(cuda_engine_failure_fails_one_batch_and_the_queue_goes_on) {
   auto first = queue.submit(&image.view, 1);
   CHECK(first->wait_for(kWaitLimit));
   CHECK(first->status() == RequestStatus::kFailed);
-  CHECK_MSG(first->error().find("injected failure") != std::string::npos, first->error());
+  CHECK_MESSAGE(first->error().find("injected failure") != std::string::npos, first->error());
   auto second = queue.submit(&image.view, 1);
   CHECK(second->wait_for(kWaitLimit));
-  CHECK_MSG(second->status() == RequestStatus::kOk, second->error());
+  CHECK_MESSAGE(second->status() == RequestStatus::kOk, second->error());
   CHECK(row_is(*second, 0, 1, 2, 3));
 }
 
-TEST(cuda_oversized_image_uses_its_own_buffers) {
-  require_gpu();
+TEST_CASE("cuda_oversized_image_uses_its_own_buffers") {
   auto engine = std::make_shared<CudaChannelMeanEngine>(kSize);
   BatchQueue queue(engine, std::make_shared<NearestResizeStage>(kSize, DeviceKind::kCuda), options(4, 4096));
   Image big = uniform_image(100, 100, 7, 8, 9);  // 30 KB: larger than the ring and each slot's share
@@ -130,8 +126,49 @@ TEST(cuda_oversized_image_uses_its_own_buffers) {
   const ImageView views[] = {small.view, big.view, small.view};
   auto r = queue.submit(views, 3);
   CHECK(r->wait_for(kWaitLimit));
-  CHECK_MSG(r->status() == RequestStatus::kOk, r->error());
-  CHECK(row_is(*r, 0, 1, 1, 1) && row_is(*r, 1, 7, 8, 9) && row_is(*r, 2, 1, 1, 1));
+  CHECK_MESSAGE(r->status() == RequestStatus::kOk, r->error());
+  CHECK((row_is(*r, 0, 1, 1, 1) && row_is(*r, 1, 7, 8, 9) && row_is(*r, 2, 1, 1, 1)));
 }
 
-NVTEST_MAIN()
+TEST_CASE("cuda_resize_normalize_stage_keeps_its_kernel_per_slot") {
+  // The real stage: squash to 8x8 with mean 0 and std 1 maps a uniform image to level / 255.
+  PreprocessParams params;
+  params.size = kSize;
+  params.resize_mode = ResizeMode::kSquash;
+  for (int c = 0; c < 3; ++c) {
+    params.mean[c] = 0.0f;
+    params.std[c] = 1.0f;
+  }
+  auto engine = std::make_shared<CudaChannelMeanEngine>(kSize);
+  auto stage = std::make_shared<ResizeNormalizeStage>(params, DeviceKind::kCuda, 0);
+  for (int round = 0; round < 2; ++round) {  // a second queue: the first one's slots are gone with it
+    BatchQueue queue(engine, stage, options(4, 64 << 10));
+    std::vector<Image> images;
+    for (int j = 0; j < 30; ++j) images.push_back(uniform_image(3 + j, 40 - j, uint8_t(j), uint8_t(round), 7));
+    std::vector<ImageView> views;
+    for (const auto& image : images) views.push_back(image.view);
+    auto r = queue.submit(views.data(), static_cast<int64_t>(views.size()));
+    REQUIRE(r->wait_for(kWaitLimit));
+    REQUIRE_MESSAGE(r->status() == RequestStatus::kOk, r->error());
+    for (int j = 0; j < 30; ++j) CHECK_MESSAGE(row_is(*r, j, j, round, 7), "round " << round << " image " << j);
+  }
+}
+
+TEST_CASE("engine_runner_restores_the_callers_device") {
+  // On the last device while the caller's current device is 0 (the same device on a one-GPU machine).
+  const int last = cuda_device_count() - 1;
+  NVCLIP_CUDA_CHECK(cudaSetDevice(0));
+  auto engine = std::make_shared<CudaChannelMeanEngine>(kSize, last);
+  EngineRunner runner(engine);
+  int current = -1;
+  NVCLIP_CUDA_CHECK(cudaGetDevice(&current));
+  CHECK_EQ(current, 0);
+  std::vector<float> pixels(3 * kSize * kSize, 0.5f), rows(kOutDim);
+  const void* inputs[] = {pixels.data()};
+  void* outputs[] = {rows.data()};
+  runner.run(1, inputs, outputs);
+  NVCLIP_CUDA_CHECK(cudaGetDevice(&current));
+  CHECK_EQ(current, 0);
+  CHECK_EQ(std::lround(rows[0]), 128);  // 0.5 * 255, rounded
+  CHECK_EQ(rows[kBatchColumn], 1.0f);
+}

@@ -5,8 +5,8 @@
 #include <string>
 #include <thread>
 
-#include "harness.h"
 #include "log_capture.h"
+#include "test_support.h"
 
 using nvclip::LogCapture;
 
@@ -35,7 +35,7 @@ class Turns {
 
 }  // namespace
 
-TEST(two_slots_failing_at_once_keep_their_own_errors) {
+TEST_CASE("two_slots_failing_at_once_keep_their_own_errors") {
   // Slot A logs, then slot B, then A again, then B, all while both calls are in progress; each
   // then raises with its own messages only (a logger shared without scopes would hand "a1; b1;
   // a2" to whichever took the errors first).
@@ -72,7 +72,7 @@ TEST(two_slots_failing_at_once_keep_their_own_errors) {
   CHECK(log.warnings().empty());
 }
 
-TEST(errors_outside_a_scope_are_kept_as_warnings) {
+TEST_CASE("errors_outside_a_scope_are_kept_as_warnings") {
   LogCapture log;
   log.error("from a library thread");
   log.error(nullptr);
@@ -85,7 +85,7 @@ TEST(errors_outside_a_scope_are_kept_as_warnings) {
   CHECK_EQ(warnings[2], std::string("slow tactic"));
 }
 
-TEST(scopes_nest_per_log) {
+TEST_CASE("scopes_nest_per_log") {
   LogCapture engine_a, engine_b;
   LogCapture::Scope outer(engine_a);
   engine_a.error("a before");
@@ -106,5 +106,3 @@ TEST(scopes_nest_per_log) {
   engine_a.error("outer again");
   CHECK_EQ(engine_a.take_errors(), std::string("outer again"));
 }
-
-NVTEST_MAIN()

@@ -1,9 +1,9 @@
 // resize_normalize without Python, for the sanitizers: random shapes, strides, channels and
 // parameters through the CPU twin (1 and 3 threads) and the emulated CUDA path (with a table arena
 // small enough to be recycled), all of which must agree bit for bit. Every image is allocated to
-// its last byte, so that AddressSanitizer reports any read past it; bad input must throw.
+// its last byte, so that AddressSanitizer reports any read past it; bad input must throw. And the
+// shared thread pools the Python binding runs the CPU twin on.
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
 #include <random>
 #include <stdexcept>
@@ -12,6 +12,7 @@
 
 #include "resize_normalize.h"
 #include "resize_normalize_kernel.h"
+#include "test_support.h"
 #include "thread_pool.h"
 
 namespace {
@@ -19,15 +20,6 @@ namespace {
 using nvclip::ImageView;
 using nvclip::OutputDType;
 using nvclip::PreprocessParams;
-
-int failures = 0;
-
-void check(bool ok, const std::string& what) {
-  if (!ok) {
-    ++failures;
-    std::fprintf(stderr, "FAILED: %s\n", what.c_str());
-  }
-}
 
 struct Image {
   std::vector<uint8_t> bytes;  // exactly (h - 1) * stride + w * c bytes
@@ -72,7 +64,7 @@ bool throws_invalid(Fn fn) {
 
 }  // namespace
 
-int main() {
+TEST_CASE("cpu_twin_and_emulated_kernel_agree_bit_for_bit") {
   std::mt19937 rng(12345);
   nvclip::ThreadPool one(1), three(3);
   nvclip::ResizeNormalizeEmulated emulated(4096);  // recycled and grown by most batches
@@ -92,22 +84,24 @@ int main() {
       nvclip::resize_normalize_cpu(views.data(), n, p, dtype, a.data(), one);
     } catch (const std::invalid_argument& e) {
       // Only 'longest' may refuse an image (a side rounding to 0 pixels), and then all paths must.
-      check(p.resize_mode == nvclip::ResizeMode::kLongest, std::string("unexpected refusal: ") + e.what());
-      check(throws_invalid([&] { nvclip::resize_normalize_cpu(views.data(), n, p, dtype, b.data(), three); }),
-            "three threads accept what one thread refuses");
-      check(throws_invalid([&] { emulated.enqueue(views.data(), n, p, dtype, c.data()); }),
-            "emulated kernel accepts what the CPU twin refuses");
+      CHECK_MESSAGE(p.resize_mode == nvclip::ResizeMode::kLongest, "unexpected refusal: " << e.what());
+      CHECK_MESSAGE(throws_invalid([&] { nvclip::resize_normalize_cpu(views.data(), n, p, dtype, b.data(), three); }),
+                    "three threads accept what one thread refuses");
+      CHECK_MESSAGE(throws_invalid([&] { emulated.enqueue(views.data(), n, p, dtype, c.data()); }),
+                    "emulated kernel accepts what the CPU twin refuses");
       continue;
     }
     nvclip::resize_normalize_cpu(views.data(), n, p, dtype, b.data(), three);
     emulated.enqueue(views.data(), n, p, dtype, c.data());
-    check(a == b, "round " + std::to_string(round) + ": 1 thread != 3 threads");
-    check(a == c, "round " + std::to_string(round) + ": CPU twin != emulated kernel");
+    CHECK_MESSAGE(a == b, "round " << round << ": 1 thread != 3 threads");
+    CHECK_MESSAGE(a == c, "round " << round << ": CPU twin != emulated kernel");
     ++compared;
   }
-  check(compared >= kRounds / 2, "too few rounds compared: " + std::to_string(compared));
+  CHECK_MESSAGE(compared >= kRounds / 2, "too few rounds compared: " << compared);
+}
 
-  // Bad input is refused before any pixel is read.
+TEST_CASE("bad_input_is_refused_before_any_pixel_is_read") {
+  nvclip::ThreadPool one(1);
   std::vector<uint8_t> pixels(12, 0), out(3 * 224 * 224 * 4);
   PreprocessParams p;
   ImageView bad;
@@ -116,17 +110,29 @@ int main() {
   bad.width = 2;
   bad.channels = 4;
   bad.row_stride = 8;
-  check(throws_invalid([&] { nvclip::resize_normalize_cpu(&bad, 1, p, OutputDType::kFloat32, out.data(), one); }),
-        "4 channels accepted");
+  CHECK_MESSAGE(throws_invalid([&] { nvclip::resize_normalize_cpu(&bad, 1, p, OutputDType::kFloat32, out.data(), one); }),
+                "4 channels accepted");
   bad.channels = 3;
   bad.row_stride = 5;
-  check(throws_invalid([&] { nvclip::resize_normalize_cpu(&bad, 1, p, OutputDType::kFloat32, out.data(), one); }),
-        "row stride shorter than a row accepted");
+  CHECK_MESSAGE(throws_invalid([&] { nvclip::resize_normalize_cpu(&bad, 1, p, OutputDType::kFloat32, out.data(), one); }),
+                "row stride shorter than a row accepted");
   bad.row_stride = 6;
   p.std[1] = 0.0f;
-  check(throws_invalid([&] { nvclip::resize_normalize_cpu(&bad, 1, p, OutputDType::kFloat32, out.data(), one); }),
-        "std 0 accepted");
+  CHECK_MESSAGE(throws_invalid([&] { nvclip::resize_normalize_cpu(&bad, 1, p, OutputDType::kFloat32, out.data(), one); }),
+                "std 0 accepted");
+}
 
-  std::printf("resize_normalize: %d rounds compared, %d failures\n", compared, failures);
-  return failures == 0 ? 0 : 1;
+TEST_CASE("shared_thread_pools_keep_only_the_latest_size") {
+  std::shared_ptr<nvclip::ThreadPool> a = nvclip::ThreadPool::shared(2), b = nvclip::ThreadPool::shared(2);
+  CHECK(a == b);
+  CHECK_EQ(a->size(), 2);
+  const std::weak_ptr<nvclip::ThreadPool> two = a;
+  std::shared_ptr<nvclip::ThreadPool> three = nvclip::ThreadPool::shared(3);
+  CHECK_EQ(three->size(), 3);
+  CHECK_FALSE(two.expired());  // still held here
+  a.reset();
+  b.reset();
+  CHECK(two.expired());  // no longer kept: one pool per process, not one per size
+  CHECK(nvclip::ThreadPool::shared(3) == three);
+  CHECK_EQ(nvclip::ThreadPool::shared(0)->size(), nvclip::ThreadPool::available_cores());
 }

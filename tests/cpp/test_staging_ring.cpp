@@ -1,9 +1,9 @@
 // StagingRing (the batch queue's ring bookkeeping) and the H2D copy planner.
 #include <stdexcept>
 
-#include "harness.h"
 #include "host_memory.h"
 #include "staging_ring.h"
+#include "test_support.h"
 
 using nvclip::kBufferAlignment;
 using nvclip::StagingBlock;
@@ -11,16 +11,16 @@ using nvclip::StagingRing;
 
 constexpr size_t A = kBufferAlignment;
 
-TEST(capacity_rounds_down_and_must_hold_one_block) {
+TEST_CASE("capacity_rounds_down_and_must_hold_one_block") {
   CHECK_EQ(StagingRing(10 * A + 7).capacity(), 10 * A);
-  CHECK_THROWS(StagingRing(A - 1), std::invalid_argument, "at least");
+  CHECK_THROWS_CONTAINING(StagingRing(A - 1), std::invalid_argument, "at least");
 }
 
-TEST(blocks_are_aligned_and_fifo) {
+TEST_CASE("blocks_are_aligned_and_fifo") {
   StagingRing ring(4 * A);
   const auto a = ring.allocate(1);
   const auto b = ring.allocate(A + 1);
-  CHECK(a && b);
+  CHECK((a && b));
   CHECK_EQ(a->offset, size_t{0});
   CHECK_EQ(a->size, A);
   CHECK_EQ(b->offset, A);
@@ -28,20 +28,20 @@ TEST(blocks_are_aligned_and_fifo) {
   CHECK_EQ(ring.live_bytes(), 3 * A);
   CHECK(!ring.allocate(2 * A));  // only A left
   const auto c = ring.allocate(A);
-  CHECK(c && c->offset == 3 * A);
+  CHECK((c && c->offset == 3 * A));
   CHECK(!ring.allocate(1));  // full
 }
 
-TEST(zero_bytes_takes_one_unit) {
+TEST_CASE("zero_bytes_takes_one_unit") {
   StagingRing ring(2 * A);
   const auto a = ring.allocate(0);
-  CHECK(a && a->size == A);
+  CHECK((a && a->size == A));
 }
 
-TEST(out_of_order_release_frees_only_from_the_oldest) {
+TEST_CASE("out_of_order_release_frees_only_from_the_oldest") {
   StagingRing ring(3 * A);
   const auto a = ring.allocate(A), b = ring.allocate(A), c = ring.allocate(A);
-  CHECK(a && b && c);
+  CHECK((a && b && c));
   ring.release(*b);  // the middle: no contiguous room yet
   CHECK_EQ(ring.live_bytes(), 2 * A);
   CHECK(!ring.allocate(A));
@@ -56,42 +56,42 @@ TEST(out_of_order_release_frees_only_from_the_oldest) {
   CHECK_EQ(ring.live_bytes(), size_t{0});
 }
 
-TEST(wrap_leaves_the_short_tail_unused) {
+TEST_CASE("wrap_leaves_the_short_tail_unused") {
   StagingRing ring(5 * A);
   const auto a = ring.allocate(2 * A), b = ring.allocate(2 * A);
-  CHECK(a && b);
+  CHECK((a && b));
   ring.release(*a);                  // free: [0, 2A) and the tail [4A, 5A)
   const auto c = ring.allocate(2 * A);  // does not fit the tail: wraps to 0
-  CHECK(c && c->offset == 0);
+  CHECK((c && c->offset == 0));
   CHECK(!ring.allocate(1));          // wrapped: the free space is [2A, 2A) = none (b still live)
   ring.release(*b);
   const auto d = ring.allocate(3 * A);  // free now [2A, 5A)
-  CHECK(d && d->offset == 2 * A);
+  CHECK((d && d->offset == 2 * A));
   ring.release(*c);
   ring.release(*d);
   CHECK(ring.empty());
   const auto e = ring.allocate(5 * A);  // an empty ring starts over at 0 and holds a full block
-  CHECK(e && e->offset == 0);
+  CHECK((e && e->offset == 0));
 }
 
-TEST(fits_is_about_the_whole_ring) {
+TEST_CASE("fits_is_about_the_whole_ring") {
   StagingRing ring(4 * A);
   CHECK(ring.fits(4 * A));
   CHECK(!ring.fits(4 * A + 1));
   CHECK(!ring.allocate(4 * A + 1));
 }
 
-TEST(double_or_foreign_release_is_a_logic_error) {
+TEST_CASE("double_or_foreign_release_is_a_logic_error") {
   StagingRing ring(4 * A);
   const auto a = ring.allocate(A), b = ring.allocate(A);
   ring.release(*b);
-  CHECK_THROWS(ring.release(*b), std::logic_error, "already released");
+  CHECK_THROWS_CONTAINING(ring.release(*b), std::logic_error, "already released");
   ring.release(*a);
-  CHECK_THROWS(ring.release(*a), std::logic_error, "not live");
-  CHECK_THROWS(ring.release(StagingBlock{99, 0, A}), std::logic_error, "not live");
+  CHECK_THROWS_CONTAINING(ring.release(*a), std::logic_error, "not live");
+  CHECK_THROWS_CONTAINING(ring.release(StagingBlock{99, 0, A}), std::logic_error, "not live");
 }
 
-TEST(long_random_sequence_never_overlaps) {
+TEST_CASE("long_random_sequence_never_overlaps") {
   // Live blocks must never overlap and never exceed the ring, whatever the release order.
   StagingRing ring(64 * A);
   std::vector<StagingBlock> live;
@@ -104,7 +104,7 @@ TEST(long_random_sequence_never_overlaps) {
         CHECK(block->offset + block->size <= ring.capacity());
         CHECK(block->offset % A == 0);
         for (const auto& other : live) {
-          CHECK(block->offset + block->size <= other.offset || other.offset + other.size <= block->offset);
+          CHECK((block->offset + block->size <= other.offset || other.offset + other.size <= block->offset));
         }
         live.push_back(*block);
       }
@@ -119,7 +119,7 @@ TEST(long_random_sequence_never_overlaps) {
   }
 }
 
-TEST(copy_plan_merges_back_to_back_blocks) {
+TEST_CASE("copy_plan_merges_back_to_back_blocks") {
   alignas(256) static uint8_t host[16 * A];
   const nvclip::StagedBlockRef items[] = {
       {host, A}, {host + A, 2 * A},  // adjacent: one span
@@ -138,5 +138,3 @@ TEST(copy_plan_merges_back_to_back_blocks) {
   CHECK_EQ(plan.total_bytes, 5 * A);
   CHECK(nvclip::plan_staging_copies(items, 0).spans.empty());
 }
-
-NVTEST_MAIN()

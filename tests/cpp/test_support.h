@@ -1,4 +1,5 @@
-// A deterministic CPU test engine and image helpers for the BatchQueue tests.
+// What the C++ tests share: doctest, a check for exception messages, a deterministic CPU test
+// engine and image helpers for the BatchQueue tests.
 //
 // Images are uniform colours (r, g, b). NearestResizeStage maps such an image to a tensor whose
 // channel planes are r/255, g/255, b/255 exactly, and ChannelMeanEngine returns, per image,
@@ -6,15 +7,23 @@
 // it came from, and the batch it ran in.
 #pragma once
 
-#include <chrono>
+#include <doctest/doctest.h>
+
 #include <cmath>
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <ostream>  // doctest prints checked values (thread ids, pointers) with it
+#include <string>
 #include <vector>
 
 #include "engine.h"
 #include "image.h"
+#include "request.h"
+
+// Checks that `expr` throws `type` whose what() contains `substring`.
+#define CHECK_THROWS_CONTAINING(expr, type, substring) \
+  CHECK_THROWS_WITH_AS(static_cast<void>(expr), doctest::Contains(std::string(substring).c_str()), type)
 
 namespace nvtest {
 
@@ -116,10 +125,6 @@ inline const float* row_of(const nvclip::Request& request, int64_t i) {
 inline bool row_is(const nvclip::Request& request, int64_t i, int r, int g, int b) {
   const float* row = row_of(request, i);
   return std::lround(row[0]) == r && std::lround(row[1]) == g && std::lround(row[2]) == b;
-}
-
-inline double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 }  // namespace nvtest

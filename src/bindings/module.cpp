@@ -8,4 +8,5 @@ PYBIND11_MODULE(_C, m) {
   nvclip::bind_engine(m);
   nvclip::bind_batch_queue(m);
   nvclip::bind_resize_normalize(m);
+  nvclip::bind_testing(m);
 }

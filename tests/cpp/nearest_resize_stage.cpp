@@ -5,7 +5,10 @@
 
 #include "errors.h"
 
-namespace nvclip {
+using nvclip::DeviceKind;
+using nvclip::OutputDType;
+
+namespace nvtest {
 
 namespace {
 constexpr float kInv255 = 1.0f / 255.0f;
@@ -15,11 +18,9 @@ constexpr int32_t kChannelsOut = 3;
 NearestResizeStage::NearestResizeStage(int32_t size, DeviceKind device, int32_t fail_marker)
     : size_(size), device_(device), fail_marker_(fail_marker) {
   if (size <= 0) throw std::invalid_argument("NearestResizeStage: size must be > 0, got " + std::to_string(size));
-#if !NVCLIP_WITH_CUDA
-  if (device == DeviceKind::kCuda) {
-    throw EngineError("NearestResizeStage(device='cuda') needs a CUDA build of nvclip_fast");
+  if (device == DeviceKind::kCuda && !NVCLIP_WITH_CUDA) {
+    throw nvclip::EngineError("NearestResizeStage(device='cuda') needs a CUDA build of nvclip_fast");
   }
-#endif
   if (device == DeviceKind::kCuda && fail_marker != kNoFailMarker) {
     // The marker is read from the pixels, which live in device memory for a CUDA stage.
     throw std::invalid_argument("NearestResizeStage: fail_marker is supported on the CPU only");
@@ -31,20 +32,24 @@ bool NearestResizeStage::supports(OutputDType dtype) const {
   return dtype == OutputDType::kFloat32 || device_ == DeviceKind::kCuda;
 }
 
-void NearestResizeStage::run(const PreprocessBatch& batch) {
-  if (device_ == DeviceKind::kCuda) {
+std::unique_ptr<nvclip::PreprocessSlotState> NearestResizeStage::make_slot_state() const {
 #if NVCLIP_WITH_CUDA
-    nearest_resize_cuda(batch.device_images, batch.n, size_, batch.dtype, batch.out, batch.stream);
-    return;
+  if (device_ == DeviceKind::kCuda) return nearest_resize_cuda_slot();
 #endif
+  return nullptr;
+}
+
+void NearestResizeStage::run(const nvclip::PreprocessBatch& batch) {
+#if NVCLIP_WITH_CUDA
+  if (device_ == DeviceKind::kCuda) {
+    nearest_resize_cuda(batch, size_);
+    return;
   }
-  if (batch.dtype != OutputDType::kFloat32) {
-    throw EngineError("NearestResizeStage (cpu) writes float32 only");
-  }
+#endif
   const int64_t plane = static_cast<int64_t>(size_) * size_;
   auto* out = static_cast<float*>(batch.out);
   for (int64_t i = 0; i < batch.n; ++i) {
-    const ImageView& image = batch.images[i];
+    const nvclip::ImageView& image = batch.images[i];
     float* dst = out + i * kChannelsOut * plane;
     if (fail_marker_ != kNoFailMarker && image.data[0] == fail_marker_) {
       batch.fail_item(i, "NearestResizeStage: image starts with the fail marker " + std::to_string(fail_marker_));
@@ -64,4 +69,4 @@ void NearestResizeStage::run(const PreprocessBatch& batch) {
   }
 }
 
-}  // namespace nvclip
+}  // namespace nvtest
