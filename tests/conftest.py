@@ -108,3 +108,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=f"gpu: {reason}"))
         if item.get_closest_marker("tensorrt") and (reason := tensorrt_skip_reason()):
             item.add_marker(pytest.mark.skip(reason=f"tensorrt: {reason}"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_bundles(tmp_path_factory):
+    """Two exports of tiny-clip (ONNX, fp32) with other random weights: the same architecture, two
+    models (their weights' sha256 differ). (path of a.onnx, path of b.onnx)."""
+    import tiny_models
+
+    tmp = tmp_path_factory.mktemp("tiny_clip")
+    bundles = []
+    for name, seed in (("a", 4), ("b", 5)):
+        checkpoint = tiny_models.save_checkpoint(
+            tiny_models.random_model("tiny-clip", seed=seed), tmp / f"{name}.pt"
+        )
+        nvclip_fast.export("tiny-clip", tmp / f"{name}.onnx", weights=checkpoint, max_batch=8, quiet=True)
+        bundles.append(tmp / f"{name}.onnx")
+    return tuple(bundles)

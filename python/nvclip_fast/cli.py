@@ -13,9 +13,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import _C, __version__, build_info, cache, extras, metadata, server
+from .collection_cli import add_collection_parsers
 from .commands import PROG, add_command, add_model_options, encoder_loader, examples, help_text
 from .embed_files import CHECKPOINT_ROWS, DTYPES, classify_files, embed_files, write_predictions
 from .outputs import check_output_path
+from .probe import LinearProbe
 
 # Exit codes of `nvclip-fast export` (argparse itself exits 2 on malformed arguments).
 EXIT_OK = 0
@@ -265,8 +267,9 @@ def _labels(text: str) -> list[str]:
 
 def _cmd_classify(args: argparse.Namespace) -> int:
     try:
-        labels = _labels(args.labels)
-        load = encoder_loader(args, text=True, max_batch=args.batch)
+        labels = _labels(args.labels) if args.labels else None
+        probe = LinearProbe.load(args.probe) if args.probe else None
+        load = encoder_loader(args, text=probe is None, max_batch=args.batch)
         with load() as encoder:
             predictions, summary = classify_files(
                 args.inputs,
@@ -277,6 +280,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                 batch=args.batch,
                 workers=args.workers,
                 progress=False if args.no_progress else None,
+                probe=probe,
             )
         if args.output:
             write_predictions(args.output, predictions)
@@ -369,17 +373,25 @@ def _add_job_parsers(sub: argparse._SubParsersAction) -> None:
         help="zero-shot classification of images against text labels",
         description=[
             "Prompt-ensembled zero-shot classification: each label's templates are embedded, averaged "
-            "and renormalized; probabilities are the softmax of logit_scale x cosine. Prints the top-k "
-            "labels of each image, or writes JSON lines with -o."
+            "and renormalized; probabilities are the softmax of logit_scale x cosine. With --probe, a "
+            "linear probe's classes instead (nvclip-fast probe train; refused for another model). Prints "
+            "the top-k labels of each image, or writes JSON lines with -o."
         ],
         example_lines=[
             'nvclip-fast classify ./photos -m ViT-B-32 --pretrained laion2b_s34b_b79k --labels "cat,dog,car"',
             'nvclip-fast classify ./photos -m vith --labels @labels.txt --template "a photo of a {}." '
             '--template "a close-up photo of a {}." --top-k 3 -o predictions.jsonl',
+            "nvclip-fast classify ./photos -m vith --probe probe.npz --top-k 1",
         ],
     )
     _add_image_job_options(c)
-    c.add_argument("--labels", required=True, help='comma-separated labels ("cat,dog,car") or @labels.txt')
+    classes = c.add_mutually_exclusive_group(required=True)
+    classes.add_argument("--labels", help='comma-separated labels ("cat,dog,car") or @labels.txt')
+    classes.add_argument(
+        "--probe",
+        metavar="PROBE",
+        help="a linear probe (nvclip-fast probe train) instead of zero-shot labels",
+    )
     c.add_argument(
         "--template",
         action="append",
@@ -473,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_job_parsers(sub)
     server.add_parser(sub)
+    add_collection_parsers(sub)
     _add_export_parser(sub)
     _add_info_parsers(sub)
     return parser

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .. import commands
+from .. import commands, extras
 from .settings import (
     DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
@@ -27,6 +27,8 @@ from .settings import (
 )
 
 if TYPE_CHECKING:
+    from fastapi import APIRouter
+
     from ..encoder import Encoder
     from .app import create_app, run
 
@@ -60,6 +62,35 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
+def collection_routers(
+    args: argparse.Namespace, load: Callable[[], Encoder]
+) -> tuple[Callable[[], Encoder], list[APIRouter]]:
+    """``--collection`` (and ``--index``): the search page's router over the collection, and a
+    loader that refuses (as a load failure) a model that is not the collection's. ([] without.)"""
+    if args.collection is None:
+        if args.index is not None:
+            raise ValueError("--index needs --collection")
+        return load, []
+    from ..collection import Collection, encoder_provenance
+    from ..search import Index
+    from ..search_page import search_router
+    from .app import service
+
+    collection = Collection.open(args.collection)
+    index = Index.load(args.index) if args.index is not None else None
+
+    def load_checked() -> Encoder:
+        encoder = load()
+        try:
+            collection.check_model(encoder_provenance(encoder))
+        except ValueError:
+            encoder.close()
+            raise
+        return encoder
+
+    return load_checked, [search_router(collection, lambda request: service(request).encoder, index=index)]
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         load = encoder_loader(args)
@@ -70,10 +101,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         from .app import run
     except ImportError as e:
-        print(
-            f"nvclip-fast serve: error: {e}; the server needs pip install 'nvclip-fast[serve]'",
-            file=sys.stderr,
-        )
+        print(f"nvclip-fast serve: error: {extras.missing_extra('serve', 'the server', e)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        load, routers = collection_routers(args, load)
+    except (ValueError, OSError, ImportError) as e:  # the collection or index cannot be used
+        print(f"nvclip-fast serve: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
         return run(
@@ -81,6 +114,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             settings,
             host=args.host,
             port=args.port,
+            routers=routers,
             access_log=args.access_log,
             log_level=args.log_level,
         )
@@ -106,6 +140,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "nvclip-fast serve -m ViT-B-32 --pretrained laion2b_s34b_b79k --port 8000",
             "nvclip-fast serve -m vith.plan --model-name nvidia/nvclip --host 0.0.0.0",
             "NVCLIP_FAST_API_KEY=secret nvclip-fast serve -m vith --device cpu --threads 8",
+            "nvclip-fast serve -m vith --collection photos.parquet   # and a search page at /",
         ],
     )
     commands.add_model_options(p)
@@ -167,6 +202,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="MS",
         help="longest wait for a batch to fill (default: the Encoder's)",
     )
+    p.add_argument(
+        "--collection",
+        metavar="COLLECTION",
+        help="also serve a search page over what embed wrote (the same model): POST /v1/search, "
+        "/v1/thumbnails/ROW and a page at /",
+    )
+    p.add_argument("--index", metavar="INDEX", help="search this index of the collection (nvclip-fast index)")
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     p.add_argument(
         "--log-level",
