@@ -32,7 +32,7 @@ from nvclip_fast.provenance import PARQUET_KEY, Provenance
 TESTS = Path(__file__).resolve().parent
 MODEL = "tiny-clip"
 MIN_COS = 0.9999  # the exporter's own fp32 gate: ONNX Runtime vs PyTorch on the same weights
-COMMANDS = ("embed", "classify", "embed-text", "serve", "export", "info", "models", "cache")
+COMMANDS = sorted(next(a for a in cli.build_parser()._actions if a.dest == "command").choices)
 pytestmark = pytest.mark.filterwarnings("ignore::nvclip_fast.metadata.RandomWeightsWarning")
 
 
@@ -430,9 +430,13 @@ def test_models_lists_open_clip_and_nvclip_names(capsys):
     assert cli.main(["models", "no-such-model"]) == cli.EXIT_USAGE
 
 
-@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_every_command_is_covered():
+    assert {"embed", "classify", "embed-text", "serve", "export", "info", "models", "cache"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS, "probe train"])
 def test_help_is_plain_text_with_examples(command, capsys):
-    argv = [command, "--help"] if command else ["--help"]
+    argv = [*command.split(), "--help"] if command else ["--help"]
     with pytest.raises(SystemExit) as done:
         cli.main(argv)
     assert done.value.code == 0
