@@ -48,6 +48,16 @@ def tensorrt_skip_reason() -> str | None:
 VITS32_MAX_BATCH = 8
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_bundle_cache(tmp_path_factory):
+    """The tests' bundle cache ($NVCLIP_FAST_CACHE, inherited by the processes they start): never the
+    user's own."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NVCLIP_FAST_CACHE", str(tmp_path_factory.mktemp("nvclip-fast-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture
 def hf_hub_cache(tmp_path, monkeypatch):
     """An empty Hugging Face cache for one test (the machine's own is not seen)."""

@@ -327,6 +327,53 @@ def test_without_a_gpu_the_best_engine_is_onnx_runtime_on_the_cpu(in_shared_cach
         assert (enc.engine, enc.device) == ("onnxruntime", "cpu")
 
 
+@pytest.mark.skipif(nf.cuda_available(), reason="checks the no-GPU message")
+def test_from_pretrained_on_cuda_without_a_gpu_says_why(bundle_cache):
+    with pytest.raises(nf.EngineError, match="no CUDA device is usable: ") as info:
+        nf.Encoder.from_pretrained(MODEL, random_weights=True, device="cuda")
+    assert nf._C.cuda_unavailable_reason() in str(info.value)
+    assert cache.entries(bundle_cache) == []
+
+
+@pytest.mark.parametrize(
+    ("tensorrt", "builder", "cached", "ort_cuda", "torch_cuda", "engine"),
+    [
+        (True, True, False, False, False, "tensorrt"),  # a plan is built
+        (True, False, True, False, False, "tensorrt"),  # no builder, but the plan is in the cache
+        (True, False, False, True, False, "onnx"),  # no builder, no plan: ONNX Runtime's CUDA provider
+        (False, True, False, True, True, "onnx"),
+        (False, True, False, False, True, "torch"),  # neither TensorRT nor onnxruntime-gpu
+        (False, True, False, False, False, "onnx"),  # no GPU engine at all: ONNX (which says so)
+    ],
+)
+def test_the_engine_of_a_model_name_on_a_gpu(
+    monkeypatch, bundle_cache, tensorrt, builder, cached, ort_cuda, torch_cuda, engine
+):
+    """The device-level choice for a model name on CUDA device 0, with the GPU, TensorRT, its builder,
+    onnxruntime-gpu and torch's CUDA stood in for: what the cache entry is built for."""
+    import torch
+
+    from nvclip_fast import encoder, engines, trt_build
+
+    monkeypatch.setattr(encoder, "tensorrt_unavailable_reason", lambda d: None if tensorrt else "no TensorRT")
+    monkeypatch.setattr(nf._C, "cuda_device", lambda i: {"name": "NVIDIA H100", "compute_capability": "9.0"})
+    monkeypatch.setattr(encoder.trt_library, "load", lambda: type("Library", (), {"version": "10.16.1"}))
+    monkeypatch.setattr(trt_build, "unavailable_reason", lambda: None if builder else "no builder")
+    monkeypatch.setattr(engines, "cuda_provider_available", lambda: ort_cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: torch_cuda)
+    common = {"model": MODEL, "random_weights": True}
+    if cached:
+        plan = cache.Request(**common, engine="tensorrt", tensorrt="10.16.1", gpu="NVIDIA H100 (9.0)")
+        folder = bundle_cache / plan.folder_name(plan.key(bundle_cache))
+        folder.mkdir(parents=True)
+        record = {"key": plan.key(bundle_cache), "bundle": "m.plan", "created": "-", "seconds": 0}
+        (folder / cache.ENTRY_FILE).write_text(json.dumps(record))
+    target = encoder._gpu_target(0, common)
+    assert target["engine"] == engine
+    if engine == "tensorrt":
+        assert target == {"engine": "tensorrt", "tensorrt": "10.16.1", "gpu": "NVIDIA H100 (9.0)"}
+
+
 def test_random_weights_warn_when_a_bundle_is_loaded(in_shared_cache):
     with pytest.warns(metadata.RandomWeightsWarning, match="model 'tiny-clip' has RANDOM weights"):
         nf.Encoder(in_shared_cache.bundle, device="cpu").close()
