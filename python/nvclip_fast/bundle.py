@@ -230,8 +230,11 @@ def load_bundle(path: str | Path, device: str, threads: int | None) -> Towers:
     text_path: Path | None = (paths.plan if plan else paths.onnx)["text"]
     if meta is not None:
         text_tower = meta.towers.get("text")
-        text_file = None if text_tower is None else (text_tower.plan if plan else text_tower.onnx)
-        text_path = meta.path(text_file) if text_file else None
+        if text_tower is None:
+            text_path = None
+        elif not plan or text_tower.plan:
+            text_path = meta.path(text_tower.plan if plan else text_tower.onnx)
+        # else: a plan the sidecar does not list (built later with the printed trtexec commands), by name
     # Made on first use, once (the tokenizer of a bundle without sidecar reads its context length).
     text = functools.cache(lambda: make(text_path, "text")) if text_path and text_path.is_file() else None
 
