@@ -109,10 +109,9 @@ class Encoder:
         kind, index = parse_device(device)
         if kind == "auto":
             kind = "cuda" if _C.cuda_device_count() > 0 else "cpu"
-        if kind == "cuda":
-            check_cuda(index)
         target: dict[str, Any] = {"engine": "onnx"}
         if kind == "cuda":
+            check_cuda(index)
             target = _gpu_target(index, common)
             if target["engine"] == "torch":
                 return cls.from_open_clip(
