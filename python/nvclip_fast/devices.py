@@ -19,11 +19,6 @@ from ._C import EngineError
 
 KINDS = ("auto", "cpu", "cuda")
 ALL = "all"
-# The --device help of the CLI's commands.
-DEVICE_HELP = (
-    "auto, cpu, cuda or cuda:N; several devices, one image engine each behind one queue: cuda:0,1, "
-    "cuda:all, or CPU replicas sharing the threads: cpu,cpu (default auto)"
-)
 USAGE = (
     "device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'cuda:all', or several of 'cpu' / 'cuda:N' "
     "(a list, or a comma list such as 'cuda:0,1' or 'cpu,cpu')"
