@@ -3,11 +3,11 @@
 //   submit(images) ── memcpy each image into a bounded staging ring (pinned host memory for CUDA
 //                     engines, aligned host memory for CPU engines; blocks while full = backpressure)
 //   slot workers   ── one thread per stream slot: `streams` slots per replica (an engine and the
-//                     preprocess stage that feeds it, on one device). The idle workers take the next
-//                     batch (<= max_batch images, or what arrived within max_delay of the oldest): a
-//                     free slot of the least loaded replica (fewest batches in flight, then fewest
-//                     taken), so an idle device gets a batch before a busy device's second slot, and
-//                     runs it on its SlotRunner: copy to the device -> PreprocessStage (writes the engine input) ->
+//                     preprocess stage that feeds it, on one device). The next batch (<= max_batch
+//                     images, or what arrived within max_delay of the oldest) goes to a free slot of
+//                     the least loaded replica (fewest batches in flight, then fewest taken), so an
+//                     idle device gets a batch before a busy device's second slot. The slot runs it on
+//                     its SlotRunner: copy to the device -> PreprocessStage (writes the engine input) ->
 //                     Engine::enqueue -> copy back -> rows scattered to the requests. The batch's
 //                     staging is released as soon as it is uploaded (CUDA) or preprocessed (CPU).
 //                     While slot i's engine runs, slot i+1 copies and preprocesses the next batch.
