@@ -29,7 +29,7 @@ from PIL import Image  # noqa: E402
 import nvclip_fast as nf  # noqa: E402
 import tiny_models  # noqa: E402
 from nvclip_fast import cli  # noqa: E402
-from nvclip_fast.outputs import read_output  # noqa: E402
+from nvclip_fast.outputs import read_ids, read_output  # noqa: E402
 
 MAX_BATCH = 8
 # Rows of the same image through the CLI and through Encoder.embed run the same graph on the same
@@ -165,7 +165,7 @@ def test_messy_folder_to_parquet(bundle, encoder, messy, tmp_path, capsys):
     sizes = dict(zip(rows.ids, zip(rows.widths.tolist(), rows.heights.tolist(), strict=True), strict=True))
     assert sizes[str(root / "a_photos" / "rotated.jpg")] == (80, 30)  # as stored: no EXIF rotation
     assert sizes[str(root / "a_photos" / "deep16.png")] == (50, 30)
-    errors = [json.loads(line) for line in (tmp_path / "emb.errors.jsonl").read_text().splitlines()]
+    errors = [json.loads(line) for line in (tmp_path / "emb.parquet.errors.jsonl").read_text().splitlines()]
     assert {e["path"] for e in errors} == set(bad)
     for e in errors:
         assert re.search(bad[e["path"]], e["error"]), e
@@ -183,13 +183,13 @@ def test_npy_output_float16_and_python_api(encoder, messy, tmp_path):
     assert summary.ok
     assert (summary.total, summary.embedded, summary.failed) == (len(good), len(good), 0)
     in_input_order = good[2:] + good[:2]  # the folder, then the shard
-    paths = (tmp_path / "emb.paths.txt").read_text().splitlines()
+    paths = read_ids(tmp_path / "emb.npy.ids.jsonl")
     assert paths == in_input_order
     embeddings = np.load(out)
     assert embeddings.dtype == np.float16
     assert embeddings.shape == (len(good), encoder.dim)
     np.testing.assert_allclose(embeddings[0], _reference(encoder, paths[0]), atol=2e-3)  # float16 storage
-    assert (tmp_path / "emb.errors.jsonl").read_text() == ""
+    assert not (tmp_path / "emb.npy.errors.jsonl").exists()  # nothing failed: no error file
 
 
 def test_all_good_exits_zero_and_lists_dedupe(bundle, messy, tmp_path):
@@ -254,7 +254,7 @@ def test_sigint_leaves_no_output_and_resume_embeds_only_the_rest(bundle, encoder
     assert proc.returncode == cli.EXIT_INTERRUPTED, err
     assert "interrupted" in err
     assert not out.exists()  # no partial output
-    assert not (tmp_path / "emb.errors.jsonl").exists()
+    assert not (tmp_path / "emb.parquet.errors.jsonl").exists()
     assert list(checkpoint.glob("chunk-*.npz"))
 
     resumed = subprocess.run([*argv, "--resume"], capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
@@ -342,9 +342,9 @@ def test_classify_cli_writes_top_k(bundle, encoder, messy, tmp_path):
 
 def test_classify_argument_errors(encoder):
     with pytest.raises(ValueError, match="has no"):
-        encoder.classify([np.zeros((4, 4, 3), np.uint8)], ["cat"], ["a photo"])
+        encoder.classify([np.zeros((5, 5, 3), np.uint8)], ["cat"], ["a photo"])
     with pytest.raises(ValueError, match="labels is empty"):
-        encoder.classify([np.zeros((4, 4, 3), np.uint8)], [])
+        encoder.classify([np.zeros((5, 5, 3), np.uint8)], [])
 
 
 def test_resume_with_other_inputs_keeps_one_row_per_image(encoder, messy, tmp_path):
@@ -355,7 +355,7 @@ def test_resume_with_other_inputs_keeps_one_row_per_image(encoder, messy, tmp_pa
         [root / "c_shard.tar", root / "a_photos" / "gray.png"], encoder, out, resume=True, progress=False
     )
     assert (summary.embedded, summary.resumed) == (2, 1)
-    ids = (tmp_path / "emb.paths.txt").read_text().splitlines()
+    ids = read_ids(tmp_path / "emb.npy.ids.jsonl")
     assert len(ids) == len(set(ids)) == len(good)  # nothing lost, nothing twice
     # the inputs given now first, in their order; rows of earlier inputs after them
     assert ids[:3] == [*good[:2], str(root / "a_photos" / "gray.png")]
@@ -385,7 +385,7 @@ def test_resume_refuses_another_model(bundle, messy, tmp_path, capsys):
         ]
     )
     assert code == cli.EXIT_USAGE
-    assert "holds rows with dtype='float32'" in capsys.readouterr().err
+    assert "dtype differs: 'float32' vs 'float16'" in capsys.readouterr().err
 
 
 class ScaledEngine(nf._C.Engine):

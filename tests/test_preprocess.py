@@ -155,9 +155,10 @@ def test_every_input_kind_gives_the_same_pixels(rgb, expected, tmp_path):
         "path Path": path,
         "bytes": png.getvalue(),
         "bytearray": bytearray(png.getvalue()),
-        "torch CPU": torch.from_numpy(rgb),
-        "torch CPU transposed view": torch.from_numpy(np.ascontiguousarray(rgb.transpose(1, 0, 2))).permute(
-            1, 0, 2
+        "torch CPU (C, H, W)": torch.from_numpy(rgb).permute(2, 0, 1).contiguous(),
+        "torch CPU (C, H, W) view": torch.from_numpy(rgb).permute(2, 0, 1),
+        "torch CPU transposed view": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 1, 0))).permute(
+            0, 2, 1
         ),
     }
     out = nf.preprocess(list(kinds.values()), SPEC)
@@ -235,12 +236,12 @@ def test_torch_is_not_imported_for_numpy_inputs():
             r"images\[1\]: cannot decode image file '/nonexistent/image.jpg'",
         ),
         (42, TypeError, r"images\[1\]: unsupported image type int"),
-        (Image.new("La", (4, 4)), ValueError, r"images\[1\]: cannot transform a 'La' image"),
+        (Image.new("La", (4, 4)), ValueError, r"images\[1\]: cannot transform the image \(mode 'La'\)"),
     ],
 )
 def test_bad_items_name_their_index(bad, error, message):
     with pytest.raises(error, match=message):
-        nf.preprocess([np.zeros((4, 4, 3), np.uint8), bad], SPEC)
+        nf.preprocess([np.zeros((5, 5, 3), np.uint8), bad], SPEC)
 
 
 def test_truncated_jpeg_names_its_index():
@@ -253,18 +254,18 @@ def test_truncated_jpeg_names_its_index():
 def test_bad_torch_tensor_names_its_index():
     torch = pytest.importorskip("torch")
     with pytest.raises(ValueError, match=r"images\[0\]: expected uint8 pixels, got torch.float32"):
-        nf.preprocess([torch.zeros(4, 4, 3)], SPEC)
+        nf.preprocess([torch.zeros(3, 4, 4)], SPEC)
 
 
 def test_decode_image_errors_can_be_collected_per_item():
-    items = [np.zeros((4, 4, 3), np.uint8), b"junk", np.zeros((4, 4), np.float64), np.zeros((6, 6), np.uint8)]
+    items = [np.zeros((5, 5, 3), np.uint8), b"junk", np.zeros((4, 4), np.float64), np.zeros((6, 6), np.uint8)]
     good, errors = [], {}
     for i, item in enumerate(items):
         try:
             good.append(nf.decode_image(item, i))
         except (ValueError, TypeError) as e:
             errors[i] = str(e)
-    assert [g.shape for g in good] == [(4, 4, 3), (6, 6)]
+    assert [g.shape for g in good] == [(5, 5, 3), (6, 6)]
     assert sorted(errors) == [1, 2]
     assert errors[2].startswith("images[2]: expected uint8")
 

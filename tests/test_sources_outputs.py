@@ -17,14 +17,18 @@ from nvclip_fast.outputs import (
     Rows,
     Segment,
     assemble,
-    output_metadata,
     output_segments,
+    read_ids,
     read_output,
+    read_provenance,
     sibling,
     write_errors,
     write_output,
 )
+from nvclip_fast.provenance import Provenance
 from nvclip_fast.sources import iter_sources
+
+PROVENANCE = Provenance(model="tiny", embed_dim=4, preprocess={"size": 8}, weights_sha256="a" * 64)
 
 
 def _png_bytes(color=(10, 20, 30), size=(4, 3)) -> bytes:
@@ -119,7 +123,7 @@ def _rows(n: int, dim: int = 4, dtype=np.float32, start: int = 0) -> Rows:
     )
 
 
-def _write(out, rows: Rows, dtype="float32", metadata=None, block_rows=3):
+def _write(out, rows: Rows, dtype="float32", provenance=PROVENANCE, block_rows=3):
     blocks = [
         Rows(
             rows.ids[i : i + block_rows],
@@ -129,21 +133,21 @@ def _write(out, rows: Rows, dtype="float32", metadata=None, block_rows=3):
         )
         for i in range(0, len(rows.ids), block_rows)
     ]
-    write_output(out, rows.ids, blocks, rows.embeddings.shape[1], dtype, metadata)
+    write_output(out, rows.ids, blocks, rows.embeddings.shape[1], dtype, provenance.replace(dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_parquet_round_trip(tmp_path, dtype):
     out = tmp_path / "emb.parquet"
     rows = _rows(5, dtype=dtype)
-    _write(out, rows, np.dtype(dtype).name, {"model": "tiny", "embed_dim": 4})
+    _write(out, rows, np.dtype(dtype).name)
     back = read_output(out)
     assert back.ids == rows.ids
     assert back.embeddings.dtype == dtype
     np.testing.assert_array_equal(back.embeddings, rows.embeddings)
     np.testing.assert_array_equal(back.widths, rows.widths)
     np.testing.assert_array_equal(back.heights, rows.heights)
-    assert output_metadata(out) == {"model": "tiny", "embed_dim": 4}
+    assert read_provenance(out) == PROVENANCE.replace(dtype=np.dtype(dtype).name)
     assert [p.name for p in tmp_path.iterdir()] == ["emb.parquet"]  # no temporary left behind
 
 
@@ -157,43 +161,45 @@ def test_outputs_are_readable_by_others(tmp_path):
     assert stat.S_IMODE(out.stat().st_mode) == 0o644  # not mkstemp's 0600
 
 
-def test_npy_round_trip_with_paths(tmp_path):
+def test_npy_round_trip_with_ids_and_provenance(tmp_path):
     out = tmp_path / "emb.npy"
     rows = _rows(7)
     _write(out, rows)
-    assert sibling(out, ".paths.txt").read_text().splitlines() == rows.ids
+    assert read_ids(sibling(out, ".ids.jsonl")) == rows.ids
     back = read_output(out)
     np.testing.assert_array_equal(back.embeddings, rows.embeddings)
     assert back.ids == rows.ids
-    assert output_metadata(out) == {"embed_dim": 4, "dtype": "float32"}
+    assert read_provenance(out) == PROVENANCE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "emb.npy.ids.jsonl", "emb.npy.provenance.json"]
 
 
 def test_failed_write_leaves_the_previous_pair(tmp_path):
     out = tmp_path / "emb.npy"
     _write(out, _rows(2))
-    before = out.read_bytes(), sibling(out, ".paths.txt").read_text()
+    names = ["emb.npy", "emb.npy.ids.jsonl", "emb.npy.provenance.json"]
+    before = [(tmp_path / name).read_bytes() for name in names]
 
     def broken_blocks():
         yield _rows(3)
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        write_output(out, _rows(9).ids, broken_blocks(), 4, "float32")
-    assert (out.read_bytes(), sibling(out, ".paths.txt").read_text()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "emb.paths.txt"]
+        write_output(out, _rows(9).ids, broken_blocks(), 4, "float32", PROVENANCE)
+    assert [(tmp_path / name).read_bytes() for name in names] == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
 
 
 def test_inconsistent_npy_pair_is_ignored_with_a_warning(tmp_path):
     out = tmp_path / "emb.npy"
     _write(out, _rows(2))
-    sibling(out, ".paths.txt").write_text("a\nb\nc\n")  # as if a crash hit between the two renames
+    sibling(out, ".ids.jsonl").write_text('"a"\n"b"\n"c"\n')  # as if a crash hit between the renames
     with pytest.warns(UserWarning, match="embedded again"):
         assert output_segments(out) == []
 
 
 def test_bad_output_name_and_row_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"expected a \.parquet or \.npy file name"):
-        write_output(tmp_path / "emb.csv", [], [], 4, "float32")
+        write_output(tmp_path / "emb.csv", [], [], 4, "float32", PROVENANCE)
     with pytest.raises(ValueError, match="rows disagree"):
         Rows(["a"], np.zeros((2, 4)), np.zeros(2), np.zeros(2))
 
@@ -221,11 +227,11 @@ def test_checkpoint_chunks(tmp_path):
     out = tmp_path / "emb.parquet"
     checkpoint = Checkpoint(out)
     assert not checkpoint.exists()
-    checkpoint.start({"model": "tiny"})
+    checkpoint.start(PROVENANCE)
     checkpoint.append(_rows(2))
     checkpoint.append(_rows(3, start=2))
     again = Checkpoint(out)
-    assert again.metadata() == {"model": "tiny"}
+    assert again.provenance() == PROVENANCE
     assert [i for s in again.segments() for i in s.ids] == [f"img{i}.png" for i in range(5)]
     np.testing.assert_array_equal(again.segments()[1].load().embeddings, _rows(3, start=2).embeddings)
     (checkpoint.dir / "chunk-000000.npz").unlink()  # a gap: numbering continues after the last chunk
@@ -239,7 +245,7 @@ def test_errors_jsonl(tmp_path):
     path = write_errors(
         tmp_path / "emb.parquet", [("a.png", "empty file"), ("b.tar", "unreadable tar shard")]
     )
-    assert path.name == "emb.errors.jsonl"
+    assert path.name == "emb.parquet.errors.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert lines == [
         {"path": "a.png", "error": "empty file"},
@@ -253,7 +259,7 @@ def test_non_utf8_names_become_storable_ids(tmp_path):
     (source,) = iter_sources([tmp_path])
     assert source.id == str(tmp_path / "caf\\xe9.png")
     assert source.read() == _png_bytes()
-    source.id.encode("utf-8")  # storable in Parquet and .paths.txt
+    source.id.encode("utf-8")  # storable in Parquet and JSON
 
 
 def test_unreadable_directory_is_an_error_item(tmp_path, monkeypatch):

@@ -37,6 +37,12 @@ class Towers:
     meta: metadata.Metadata | None = None
     engine: str = "custom"  # what runs the towers: "tensorrt", "onnxruntime", "torch", or "custom"
     precision: str = "fp32"  # the engines' arithmetic: "fp32" or "fp16"
+    # Provenance (``Encoder.provenance``): the weights' sha256 where known; else the image engine's
+    # files, whose sha256 then tells engines apart; how to open the same model again (``source``:
+    # {"bundle": path}, {"model": name, "pretrained"|"weights"|"random_weights": ...}).
+    weights_sha256: str | None = None
+    engine_files: tuple[Path, ...] = ()
+    source: dict[str, Any] | None = None
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -103,6 +109,11 @@ def load_bundle(path: Path, device: str, threads: int | None) -> Towers:
             )
 
     image = make(path, "image")
+    data = metadata.BundlePaths.data(path)
+    identity: dict[str, Any] = {
+        "engine_files": (path, data) if not plan and data.is_file() else (path,),
+        "source": {"bundle": str((sidecar if meta is not None else path).resolve())},
+    }
     paths = metadata.bundle_paths(path)
     text_path: Path | None = (paths.plan if plan else paths.onnx)["text"]
     if meta is not None:
@@ -125,8 +136,10 @@ def load_bundle(path: Path, device: str, threads: int | None) -> Towers:
             else functools.partial(load_tokenizer, meta.tokenizer, sidecar.parent)
         )
         scale, bias = meta.logit_scale, meta.logit_bias
-        kinds = {"meta": meta, "engine": engine, "precision": precision}
-        return Towers(image, text, meta.preprocess, tokenizer, engine_dim, meta.model, scale, bias, **kinds)
+        kinds = {"meta": meta, "engine": engine, "precision": precision, "weights_sha256": meta.weights.sha256}
+        return Towers(
+            image, text, meta.preprocess, tokenizer, engine_dim, meta.model, scale, bias, **kinds, **identity
+        )
 
     warnings.warn(
         f"{path}: no sidecar {sidecar.name}; preprocessing uses open_clip's defaults at {engine_size} px "
@@ -145,7 +158,7 @@ def load_bundle(path: Path, device: str, threads: int | None) -> Towers:
 
     spec = PreprocessSpec(size=engine_size)
     return Towers(
-        image, text, spec, bare_tokenizer, engine_dim, path.stem, engine=engine, precision=precision
+        image, text, spec, bare_tokenizer, engine_dim, path.stem, engine=engine, precision=precision, **identity
     )
 
 
@@ -202,5 +215,12 @@ def load_open_clip(
         scale = float(net.logit_scale.exp()) if getattr(net, "logit_scale", None) is not None else None
         bias = float(net.logit_bias) if getattr(net, "logit_bias", None) is not None else None
     tokenizer = functools.partial(load_tokenizer, loaded.tokenizer)
-    kinds = {"engine": "torch", "precision": precision}
+    source: dict[str, Any] = {"model": model}
+    if pretrained:
+        source["pretrained"] = pretrained
+    elif weights:
+        source["weights"] = str(Path(weights).resolve())
+    else:
+        source["random_weights"] = True
+    kinds = {"engine": "torch", "precision": precision, "weights_sha256": loaded.weights.sha256, "source": source}
     return Towers(image, text, loaded.preprocess, tokenizer, embed_dim, model, scale, bias, **kinds)

@@ -10,9 +10,10 @@ synchronously.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ from ._C import EngineError
 from .bundle import Towers, load_bundle, load_open_clip
 from .images import as_image_list
 from .metadata import PreprocessSpec
-from .pipeline import ImagePipeline, Item, ItemError, Merge, QueueOptions, l2_normalize
+from .pipeline import ImagePipeline, ItemError, Merge, QueueOptions, Stream, l2_normalize
+from .provenance import Provenance, sha256_files
 from .tokenizer import Tokenizer
 
 ON_ERROR = ("raise", "nan")
@@ -118,6 +120,7 @@ class Encoder:
 
     def _start(self, towers: Towers, options: QueueOptions) -> None:
         self._towers = towers
+        self._engine_sha256: str | None = None
         self._images = ImagePipeline(towers.image, towers.spec, options)
         self._text_lock = threading.Lock()
         self._text_engine: _C.Engine | None = None
@@ -173,6 +176,29 @@ class Encoder:
     @property
     def logit_scale(self) -> float | None:
         return self._towers.logit_scale
+
+    def provenance(self, *, dtype: str = "float32", normalized: bool = True) -> Provenance:
+        """What identifies this Encoder's embeddings, as every output records it: model, the weights'
+        sha256 (from the sidecar; where it is unknown, as for random weights or an engine without
+        sidecar, the sha256 of the image engine's files instead), preprocessing, embed dim, the
+        engines' precision, ``normalized``, the stored ``dtype``, and how to open the model again."""
+        towers = self._towers
+        engine_sha256 = None
+        if towers.weights_sha256 is None and towers.engine_files:
+            if self._engine_sha256 is None:
+                self._engine_sha256 = sha256_files(*towers.engine_files)
+            engine_sha256 = self._engine_sha256
+        return Provenance(
+            model=self.model,
+            embed_dim=self.dim,
+            preprocess=dataclasses.asdict(self.spec),
+            precision=self.precision,
+            weights_sha256=towers.weights_sha256,
+            engine_sha256=engine_sha256,
+            normalized=normalized,
+            dtype=dtype,
+            source=towers.source,
+        )
 
     @property
     def logit_bias(self) -> float | None:
@@ -232,9 +258,10 @@ class Encoder:
 
     def _stream(
         self, items: Sequence[Any], *, load: Callable[[Any], Any] | None, batch: int, workers: int
-    ) -> Iterator[Item]:
-        """The bulk jobs' way in (``embed_files``): every item in order with its L2-normalized row or
-        its error, a few batches in flight, decoded on ``workers`` threads (``load`` runs there)."""
+    ) -> Stream:
+        """The bulk jobs' way in (``embed_files``): groups of items in order, each item with its
+        L2-normalized row or its error, a few batches in flight, decoded on ``workers`` threads
+        (``load`` runs there). See :class:`~nvclip_fast.pipeline.Stream`."""
         return self._images.stream(items, load=load, batch=batch, workers=workers)
 
     @staticmethod
@@ -335,9 +362,9 @@ class Encoder:
     # -- lifetime -------------------------------------------------------------------------------
 
     def close(self, cancel: bool = False) -> None:
-        """Finish the work in flight (``cancel=True``: fail it with an error) and release the engines."""
-        if self._images.closed:
-            return
+        """Finish the work in flight (``cancel=True``: fail it with an error) and release the engines.
+        From any thread, a Future's done-callback included (the queue is then closed by a thread of
+        its own, which a later close() waits for); calling it again does no harm."""
         self._images.close(cancel=cancel)
         with self._text_lock:
             if self._text_runner is not None:

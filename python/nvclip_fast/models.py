@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
 import inspect
 import logging
 import math
@@ -38,6 +37,7 @@ from open_clip import tokenizer as _oc_tokenizer
 from open_clip.transform import merge_preprocess_dict
 
 from . import metadata
+from .provenance import sha256_files
 
 __all__ = [
     "NVCLIP_CONFIGS",
@@ -65,7 +65,6 @@ DDP_PREFIX = "module."
 # Every open_clip CLIP / CustomTextCLIP has this top-level parameter: it locates the model's
 # key prefix inside checkpoints that nest it (e.g. a TAO backbone's "model.").
 ANCHOR_KEY = "logit_scale"
-SHA256_CHUNK = 1 << 24
 DEFAULT_SEED = 0
 SCHEMA_PREFIXES = ("hf-hub:", "local-dir:")  # open_clip model names that fetch config and weights themselves
 KEYS_SHOWN = 5  # how many offending keys an error message lists
@@ -194,11 +193,7 @@ def model_config(name: str) -> dict[str, Any]:
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(SHA256_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_files(path)
 
 
 def _torch_load(path: Path) -> Any:
