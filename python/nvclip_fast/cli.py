@@ -7,13 +7,16 @@ import json
 import shlex
 import sys
 
+from pathlib import Path
+
 from . import _C, __version__, build_info, metadata, server
 from .embed_files import CHECKPOINT_ROWS, DTYPES, classify_files, embed_files, write_predictions
+from .outputs import Checkpoint
 
 # Exit codes of `nvclip-fast export` (argparse itself exits 2 on malformed arguments).
 EXIT_OK = 0
 EXIT_ERROR = 1  # the export failed (bad weights, unknown model, download impossible, export error)
-EXIT_USAGE = 2  # no weights given (or several): refused
+EXIT_USAGE = 2  # refused: no weights given (or several), or a weights file that is unusable
 EXIT_NO_TENSORRT = 3  # ONNX files and sidecar written, TensorRT engines not built
 EXIT_PARITY = 4  # an exported tower misses the parity gate (files kept for inspection)
 # `nvclip-fast embed` / `classify`: 0 every input embedded, 1 some failed (the rest still written),
@@ -35,7 +38,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     # Imported here: the exporter pulls in torch, open_clip and onnx, which `info` does not need.
     from .exporter import ExportError, ParityError, bundle_paths, export
-    from .models import PretrainedUnavailableError, WeightsRequiredError
+    from .models import CheckpointError, PretrainedUnavailableError, WeightsRequiredError
     from .trt_build import TensorRTBuildError, TensorRTUnavailableError
 
     def fail(message: str, code: int) -> int:
@@ -60,6 +63,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         )
     except WeightsRequiredError as e:
         return fail(f"{e}. Refusing to export random embeddings by accident.", EXIT_USAGE)
+    except CheckpointError as e:  # the weights file is unreadable or does not fit the model
+        return fail(str(e), EXIT_USAGE)
     except TensorRTUnavailableError as e:
         paths = bundle_paths(args.output)
         print(
@@ -85,7 +90,8 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
         help="open_clip weights -> ONNX towers (+ TensorRT plans) + sidecar, checked against open_clip",
         description="Export an open_clip (or NVCLIP) model's image and text towers to ONNX and, for a .plan "
         "output, TensorRT engines; write the metadata sidecar; check the outputs against open_clip. "
-        f"Exit codes: {EXIT_OK} ok, {EXIT_ERROR} failed, {EXIT_USAGE} no weights, {EXIT_NO_TENSORRT} "
+        f"Exit codes: {EXIT_OK} ok, {EXIT_ERROR} failed, {EXIT_USAGE} no weights or unusable weights, "
+        f"{EXIT_NO_TENSORRT} "
         f"ONNX written but no TensorRT, {EXIT_PARITY} parity gate failed.",
     )
     p.add_argument(
@@ -139,12 +145,16 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             workers=args.workers,
             dtype=args.dtype,
             resume=args.resume,
+            overwrite=args.overwrite,
             progress=False if args.no_progress else None,
             checkpoint_rows=args.checkpoint_rows,
         )
     except KeyboardInterrupt:
+        checkpoint = Checkpoint(Path(args.output))
+        saved = checkpoint.rows() if checkpoint.exists() else 0
         print(
-            "nvclip-fast embed: interrupted; finished rows are kept for --resume, the output was not written",
+            f"nvclip-fast embed: interrupted; the output was not written; {saved} finished rows are saved in "
+            f"{checkpoint.dir} (rerun with --resume to finish)",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
@@ -156,8 +166,11 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 def _labels(text: str) -> list[str]:
     if text.startswith("@"):
-        with open(text[1:], encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
+        try:
+            with open(text[1:], encoding="utf-8") as f:
+                return [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"labels file {text[1:]!r} is not UTF-8 text: {e}") from e
     return [label.strip() for label in text.split(",") if label.strip()]
 
 
@@ -215,15 +228,28 @@ def _add_embed_parsers(sub: argparse._SubParsersAction) -> None:
         "embed",
         help="embed images (files, folders, @lists, tar shards) into Parquet or .npy, rows in input order",
         description="Embed every image named by the inputs. Bad inputs are skipped and listed with their "
-        f"reason in OUT.errors.jsonl. Exit codes: {EXIT_OK} all embedded, {EXIT_SOME_FAILED} some failed, "
-        f"{EXIT_USAGE} the job could not run, {EXIT_INTERRUPTED} interrupted (rerun with --resume).",
+        "reason in OUT.parquet.errors.jsonl (OUT.npy.errors.jsonl), written only when one failed. An "
+        "existing output is refused unless --overwrite or --resume is given. Exit codes: "
+        f"{EXIT_OK} all embedded, {EXIT_SOME_FAILED} some failed, {EXIT_USAGE} the job could not run (no "
+        f"images found, an existing output, an unusable model), {EXIT_INTERRUPTED} interrupted (rerun "
+        "with --resume).",
     )
     _add_job_options(p)
-    p.add_argument("-o", "--output", required=True, help="OUT.parquet or OUT.npy (+ OUT.paths.txt)")
-    p.add_argument("--dtype", choices=DTYPES, default=DTYPES[0], help="stored embedding type")
     p.add_argument(
-        "--resume", action="store_true", help="skip images already in OUT or saved by an interrupted run"
+        "-o",
+        "--output",
+        required=True,
+        help="OUT.parquet, or OUT.npy (+ OUT.npy.ids.jsonl and OUT.npy.provenance.json)",
     )
+    p.add_argument("--dtype", choices=DTYPES, default=DTYPES[0], help="stored embedding type")
+    replace = p.add_mutually_exclusive_group()
+    replace.add_argument(
+        "--resume",
+        action="store_true",
+        help="add what is missing to OUT: skip images already in it or saved by an interrupted run "
+        "(refused when those rows are of another model, preprocessing or dtype)",
+    )
+    replace.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument(
         "--checkpoint-rows",
         type=int,

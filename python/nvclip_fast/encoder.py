@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import string
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +34,23 @@ OUTPUTS = ("numpy", "torch")
 DEFAULT_TEMPLATE = "a photo of a {}."
 # Zero-shot logits scale when the bundle has no sidecar: CLIP's learned temperature ends at its cap, 100.
 DEFAULT_LOGIT_SCALE = 100.0
+
+
+def check_template(template: str) -> None:
+    """A zero-shot prompt template holds exactly one ``{}`` (where the label goes) and no other
+    field; literal braces are written ``{{`` and ``}}``. ValueError saying what is wrong."""
+    literal = "write literal braces as '{{' and '}}'"
+    if not isinstance(template, str):
+        raise TypeError(f"template must be a str, got {type(template).__name__}")
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise ValueError(f"template {template!r}: {e}; {literal}") from e
+    if fields != [("", "", None)]:
+        others = ["{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}" for name, spec, conv in fields]
+        raise ValueError(
+            f"template {template!r}: expected exactly one '{{}}' for the label, found {others or 'none'}; {literal}"
+        )
 
 
 def top_labels(probs: np.ndarray, labels: Sequence[str], top_k: int) -> list[tuple[str, float]]:
@@ -319,8 +337,7 @@ class Encoder:
         if not labels:
             raise ValueError("labels is empty")
         for t in templates:
-            if "{}" not in t:
-                raise ValueError(f"template {t!r} has no '{{}}' for the label")
+            check_template(t)
         key = (tuple(labels), tuple(templates))
         with self._text_lock:
             cached = self._label_cache.get(key)
