@@ -649,3 +649,59 @@ def test_a_png_with_a_bad_idat_crc_embeds_and_damaged_pixels_fail(encoder):
     assert np.isnan(rows[2]).all()
     with pytest.raises(nf.ItemError, match=r"images\[0\]: cannot decode .*broken data stream"):
         encoder.embed([_png_with_idat(pixels, "data")])
+
+
+# --- untrusted files: one line naming the file and the problem, exit 2 ------------------------------
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_classify_with_a_bad_template_is_one_line(bundle, messy, capsys):
+    root, _, _ = messy
+    argv = ["classify", str(root / "a_photos"), "-m", str(bundle), "--labels", "cat,dog", "--no-progress"]
+    assert cli.main([*argv, "--template", "{x} {}"]) == cli.EXIT_USAGE
+    assert "template '{x} {}': expected exactly one '{}' for the label, found ['{x}', '{}']" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("[" * 200_000 + "]" * 200_000, "is not a sidecar: JSON nested too deeply"),
+        (b"\xff\xfe{", "is not UTF-8 text"),
+        ("towers.image.onnx=/etc/passwd", "towers.image.onnx: expected a file name inside the bundle's folder"),
+        ("tokenizer.vocab=../../etc/passwd", "tokenizer.vocab: expected a file name inside the bundle's folder"),
+        ("logit_scale=1e308", "logit_scale: expected a number in (0, 10000], got 1e+308"),
+    ],
+)
+def test_a_hostile_sidecar_is_one_line(bundle, messy, tmp_path, capsys, content, problem):
+    root, _, _ = messy
+    for f in bundle.parent.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    sidecar = tmp_path / "tiny.json"
+    sidecar.unlink()
+    if isinstance(content, bytes):
+        sidecar.write_bytes(content)
+    elif "=" in content:
+        keys, value = content.split("=")
+        meta = json.loads(bundle.with_suffix(".json").read_text())
+        *path, last = keys.split(".")
+        target = meta
+        for key in path:
+            target = target[key]
+        target[last] = float(value) if value[0].isdigit() else value
+        sidecar.write_text(json.dumps(meta))
+    else:
+        sidecar.write_text(content)
+    code = cli.main(["embed", str(root / "a_photos"), "-m", str(sidecar), "-o", str(tmp_path / "o.npy"), "--no-progress"])
+    assert code == cli.EXIT_USAGE
+    line = _one_error_line(capsys)
+    assert problem in line and "tiny.json" in line, line
+
+
+def test_embed_text_says_bytes(encoder):
+    with pytest.raises(TypeError, match=r"texts must be a str or a sequence of str, got bytes \(decode bytes first"):
+        encoder.embed_text(b"x")

@@ -375,3 +375,23 @@ def test_rows_are_saved_and_counted_as_each_batch_comes_back(photos, tmp_path, m
         engine.release.set()
         assert done.wait(TIMEOUT_S)
     assert np.load(out).shape == (len(paths), DIM)
+
+
+def test_the_default_batch_keeps_engine_inputs_within_budget():
+    # A sidecar (or engine) may claim an optimal batch of 4096: at 224 px, 2 streams of it would be
+    # 4.9 GB of engine input allocated at load. Unless max_batch is asked for, the batch fits the budget.
+    class Big(_C.Engine):
+        def __init__(self):
+            super().__init__(
+                _C.EngineInfo(
+                    [_C.TensorSpec("pixels", "float32", [-1, 3, 224, 224])],
+                    [_C.TensorSpec("means", "float32", [-1, DIM])],
+                    (1, 4096, 4096),
+                )
+            )
+
+    image_bytes = 3 * 224 * 224 * 4
+    with nf.Encoder.from_engine(Big(), nf.PreprocessSpec(size=224), streams=2) as enc:
+        assert enc.max_batch == pipeline.ENGINE_INPUT_BUDGET // (2 * image_bytes) == 445
+    with nf.Encoder.from_engine(Big(), nf.PreprocessSpec(size=224), max_batch=1000) as enc:
+        assert enc.max_batch == 1000  # asked for: granted
