@@ -75,7 +75,9 @@ def main(argv: list[str]) -> int:
 
     if args.command == "encode":
         spec = nf.PreprocessSpec(size=args.size)
-        with nf.Encoder.from_engine(MeanEngine(args.size, args.max_batch), spec, max_batch=args.max_batch) as enc:
+        with nf.Encoder.from_engine(
+            MeanEngine(args.size, args.max_batch), spec, max_batch=args.max_batch
+        ) as enc:
             rows = enc.embed(args.files, on_error="nan")
         print("rows", " ".join("nan" if np.isnan(r).any() else "ok" for r in rows))
         print(f"{peak_rss_mib():.1f}")

@@ -297,12 +297,17 @@ def test_unusable_weights_files_are_one_line_and_exit_2(tmp_path, capsys):
     state["visual.proj"] = torch.zeros(5, 7)
     wrong = tmp_path / "wrong.pt"
     torch.save(state, wrong)
-    for weights, problem in ((garbage, "not a safetensors file"), (wrong, r"visual.proj \(5, 7\) \(the model's: \(64, 32\)\)")):
+    for weights, problem in (
+        (garbage, "not a safetensors file"),
+        (wrong, r"visual.proj \(5, 7\) \(the model's: \(64, 32\)\)"),
+    ):
         code = cli.main(["export", "tiny-clip", "-o", str(tmp_path / "m.onnx"), "--weights", str(weights)])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == cli.EXIT_USAGE
-        assert len(err) == 2 and err[0].startswith("[export")  # the progress line, then one error line
-        assert weights.name in err[1] and re.search(problem, err[1]), err[1]
+        assert len(err) == 2
+        assert err[0].startswith("[export")
+        assert weights.name in err[1]
+        assert re.search(problem, err[1]), err[1]
 
 
 @pytest.mark.parametrize(

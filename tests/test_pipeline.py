@@ -253,7 +253,7 @@ def test_close_from_a_done_callback_closes_the_encoder_and_its_queue():
     def close_it(done) -> None:
         try:
             enc.close()
-        except BaseException as e:  # noqa: BLE001  (recorded: the test fails on it)
+        except BaseException as e:
             raised.append(e)
 
     future.add_done_callback(close_it)
@@ -276,7 +276,10 @@ def test_32_callers_with_bad_items_get_exactly_their_rows():
     for t in range(threads):
         for c in range(calls):
             n = int(rng.integers(1, 6))
-            items = [rng.integers(0, 256, (int(rng.integers(5, 40)), int(rng.integers(5, 40)), 3), dtype=np.uint8) for _ in range(n)]
+            items = [
+                rng.integers(0, 256, (int(rng.integers(5, 40)), int(rng.integers(5, 40)), 3), dtype=np.uint8)
+                for _ in range(n)
+            ]
             if rng.random() < 0.5:
                 items.insert(int(rng.integers(0, n + 1)), bad_items[int(rng.integers(0, len(bad_items)))])
             work[(t, c)] = items
@@ -359,7 +362,10 @@ def test_rows_are_saved_and_counted_as_each_batch_comes_back(photos, tmp_path, m
     with enc:
         done = threading.Event()
         thread = threading.Thread(
-            target=lambda: (nf.embed_files(paths, enc, out, batch=4, workers=2, checkpoint_rows=1, progress=False), done.set()),
+            target=lambda: (
+                nf.embed_files(paths, enc, out, batch=4, workers=2, checkpoint_rows=1, progress=False),
+                done.set(),
+            ),
             daemon=True,
         )
         thread.start()
@@ -370,7 +376,9 @@ def test_rows_are_saved_and_counted_as_each_batch_comes_back(photos, tmp_path, m
         ):
             time.sleep(0.01)
         saved = checkpoint.rows()
-        assert saved >= 1 and engine.batches == 2 and not engine.release.is_set()  # batch 2 is still held
+        assert saved >= 1
+        assert engine.batches == 2
+        assert not engine.release.is_set()
         assert sum(updates) >= saved  # the bar counts the rows back, group by group
         engine.release.set()
         assert done.wait(TIMEOUT_S)

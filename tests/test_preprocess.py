@@ -414,7 +414,9 @@ def test_the_full_resize_of_an_extreme_image_is_never_made(monkeypatch):
     spec = nf.PreprocessSpec(size=224)
     for mode in ("RGBA", "P", "CMYK"):  # resized for the kept region only: no limit reached
         assert nf.preprocess([_extreme(mode, (10000, 1), seed=1)], spec).shape == (1, 3, 224, 224)
-    with pytest.raises(ValueError, match=r"images\[0\]: .*'I;16' image to 2240000x224 .*limit MAX_RESIZE_BYTES"):
+    with pytest.raises(
+        ValueError, match=r"images\[0\]: .*'I;16' image to 2240000x224 .*limit MAX_RESIZE_BYTES"
+    ):
         nf.preprocess([_extreme("I;16", (10000, 1), seed=1)], spec)  # Pillow resizes 16-bit: refused
 
 
@@ -425,7 +427,9 @@ def test_decompression_bombs_are_refused_from_the_header(monkeypatch):
     Image.new("RGB", (3000, 3000), (1, 2, 3)).save(flat, format="PNG", optimize=True)
     data = flat.getvalue()  # a few tens of kilobytes for 9 megapixels
     monkeypatch.setattr(images, "EXPANSION_FLOOR_BYTES", 1 << 20)
-    with pytest.raises(ValueError, match=r"3000x3000 pixels in \d+ bytes: decoding it would take 60 MiB, over 128x"):
+    with pytest.raises(
+        ValueError, match=r"3000x3000 pixels in \d+ bytes: decoding it would take 60 MiB, over 128x"
+    ):
         nf.preprocess([data], SPEC)
     monkeypatch.setattr(images, "MAX_EXPANSION", None)  # the documented way to embed it anyway
     assert nf.preprocess([data], SPEC).shape == (1, 3, 224, 224)
@@ -434,7 +438,9 @@ def test_decompression_bombs_are_refused_from_the_header(monkeypatch):
 # ---- layouts: numpy (H, W, C), torch (C, H, W) ------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision are deprecated")
+@pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision are deprecated"
+)
 def test_torchvision_decoded_tensors_are_taken_as_they_come(tmp_path, rgb, expected):
     torch = pytest.importorskip("torch")
     torchvision_io = pytest.importorskip("torchvision.io")
@@ -452,18 +458,30 @@ def test_torchvision_decoded_tensors_are_taken_as_they_come(tmp_path, rgb, expec
 
 def test_a_layout_that_only_reads_the_other_way_gets_the_fix(rgb):
     torch = pytest.importorskip("torch")
-    with pytest.raises(ValueError, match=r"images\[0\]: expected 1, 3 or 4 channels, got 131 .*looks channels-first.*a.transpose\(1, 2, 0\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"images\[0\]: expected 1, 3 or 4 channels, got 131 .*channels-first.*a.transpose\(1, 2, 0\)",
+    ):
         nf.preprocess([np.ascontiguousarray(rgb.transpose(2, 0, 1))], SPEC)
-    with pytest.raises(ValueError, match=r"images\[0\]: expected 1, 3 or 4 channels first, got 97 .*looks channels-last.*t.permute\(2, 0, 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"images\[0\]: expected 1, 3 or 4 channels first, got 97 .*channels-last.*t.permute\(2, 0, 1\)",
+    ):
         nf.preprocess([torch.from_numpy(rgb)], SPEC)
 
 
 def test_an_ambiguous_shape_follows_the_convention_with_a_hint():
     torch = pytest.importorskip("torch")
     pixels = noise(np.random.default_rng(15), 3, 40, 4)  # (H, W, C) = 3 x 40 RGBA, or (C, H, W) = 40 x 4
-    with pytest.warns(UserWarning, match=r"shape \(3, 40, 4\) reads as \(H, W, C\) or as \(C, H, W\): taken as \(H, W, C\)"):
+    with pytest.warns(
+        UserWarning, match=r"shape \(3, 40, 4\) reads as \(H, W, C\) or as \(C, H, W\): taken as \(H, W, C\)"
+    ):
         as_array = nf.preprocess([pixels], SPEC)[0]
     assert_exact(SPEC, as_array, Image.fromarray(pixels, "RGBA"), "3 x 40 RGBA array")
-    with pytest.warns(UserWarning, match=r"taken as \(C, H, W\); if it is \(H, W, C\), pass t.permute\(2, 0, 1\)"):
+    with pytest.warns(
+        UserWarning, match=r"taken as \(C, H, W\); if it is \(H, W, C\), pass t.permute\(2, 0, 1\)"
+    ):
         as_tensor = nf.preprocess([torch.from_numpy(pixels)], SPEC)[0]
-    assert np.array_equal(as_tensor, nf.preprocess([np.ascontiguousarray(pixels.transpose(1, 2, 0))], SPEC)[0])
+    assert np.array_equal(
+        as_tensor, nf.preprocess([np.ascontiguousarray(pixels.transpose(1, 2, 0))], SPEC)[0]
+    )

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nvclip_fast import sources as sources_module
 from nvclip_fast.outputs import (
     Checkpoint,
     Rows,
@@ -27,7 +28,6 @@ from nvclip_fast.outputs import (
     write_errors,
     write_output,
 )
-from nvclip_fast import sources as sources_module
 from nvclip_fast.provenance import Provenance, ProvenanceError
 from nvclip_fast.sources import NotAnImageSource, ParsedId, iter_sources, parse_id, read_id
 
@@ -173,7 +173,11 @@ def test_npy_round_trip_with_ids_and_provenance(tmp_path):
     np.testing.assert_array_equal(back.embeddings, rows.embeddings)
     assert back.ids == rows.ids
     assert read_provenance(out) == PROVENANCE
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "emb.npy.ids.jsonl", "emb.npy.provenance.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "emb.npy",
+        "emb.npy.ids.jsonl",
+        "emb.npy.provenance.json",
+    ]
 
 
 def test_failed_write_leaves_the_previous_pair(tmp_path):
@@ -297,7 +301,15 @@ def _tar(path, members):
 
 def test_ids_are_lossless_for_any_file_name(tmp_path):
     # Names that the old backslash-replace ids merged or that a line-based id file split.
-    names = [b"a\xff.jpg", b"a\\xff.jpg", b"x::y.png", b"new\nline.png", b":c:.png", b"caf\xc3\xa9.png", b"\\"]
+    names = [
+        b"a\xff.jpg",
+        b"a\\xff.jpg",
+        b"x::y.png",
+        b"new\nline.png",
+        b":c:.png",
+        b"caf\xc3\xa9.png",
+        b"\\",
+    ]
     for k, name in enumerate(names):
         (tmp_path / os.fsdecode(name)).write_bytes(_png_bytes(color=(k, k, k)))
     sources = list(iter_sources([tmp_path]))
@@ -409,7 +421,10 @@ def test_listed_paths_are_stored_normalized(tmp_path):
     listing = tmp_path / "lists" / "files.txt"
     listing.write_text("../photos/coffee.png\n./../photos/./missing.png\n")
     sources = list(iter_sources([f"@{listing}"]))
-    assert [s.id for s in sources] == [str(tmp_path / "photos" / "coffee.png"), str(tmp_path / "photos" / "missing.png")]
+    assert [s.id for s in sources] == [
+        str(tmp_path / "photos" / "coffee.png"),
+        str(tmp_path / "photos" / "missing.png"),
+    ]
     assert sources[0].read() == _png_bytes()
 
 
@@ -440,7 +455,8 @@ def test_npy_ids_survive_every_line_break(tmp_path):
     rows.ids[:] = ["a\nb.jpg", "c\rd.jpg", "e\x85f.jpg", "g\u2028h.jpg", 'q"\\.jpg', "plain.jpg"]
     _write(out, rows)
     ids_file = sibling(out, ".ids.jsonl")
-    assert ids_file.read_bytes().count(b"\n") == 6 and ids_file.read_bytes().isascii()
+    assert ids_file.read_bytes().count(b"\n") == 6
+    assert ids_file.read_bytes().isascii()
     assert read_output(out).ids == rows.ids
     np.testing.assert_array_equal(read_output(out).embeddings, rows.embeddings)
 

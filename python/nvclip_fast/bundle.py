@@ -136,7 +136,12 @@ def load_bundle(path: Path, device: str, threads: int | None) -> Towers:
             else functools.partial(load_tokenizer, meta.tokenizer, sidecar.parent)
         )
         scale, bias = meta.logit_scale, meta.logit_bias
-        kinds = {"meta": meta, "engine": engine, "precision": precision, "weights_sha256": meta.weights.sha256}
+        kinds = {
+            "meta": meta,
+            "engine": engine,
+            "precision": precision,
+            "weights_sha256": meta.weights.sha256,
+        }
         return Towers(
             image, text, meta.preprocess, tokenizer, engine_dim, meta.model, scale, bias, **kinds, **identity
         )
@@ -158,7 +163,15 @@ def load_bundle(path: Path, device: str, threads: int | None) -> Towers:
 
     spec = PreprocessSpec(size=engine_size)
     return Towers(
-        image, text, spec, bare_tokenizer, engine_dim, path.stem, engine=engine, precision=precision, **identity
+        image,
+        text,
+        spec,
+        bare_tokenizer,
+        engine_dim,
+        path.stem,
+        engine=engine,
+        precision=precision,
+        **identity,
     )
 
 
@@ -222,5 +235,10 @@ def load_open_clip(
         source["weights"] = str(Path(weights).resolve())
     else:
         source["random_weights"] = True
-    kinds = {"engine": "torch", "precision": precision, "weights_sha256": loaded.weights.sha256, "source": source}
+    kinds = {
+        "engine": "torch",
+        "precision": precision,
+        "weights_sha256": loaded.weights.sha256,
+        "source": source,
+    }
     return Towers(image, text, loaded.preprocess, tokenizer, embed_dim, model, scale, bias, **kinds)

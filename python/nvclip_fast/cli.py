@@ -6,7 +6,6 @@ import argparse
 import json
 import shlex
 import sys
-
 from pathlib import Path
 
 from . import _C, __version__, build_info, metadata, server

@@ -36,7 +36,7 @@ from .outputs import (
     write_errors,
     write_output,
 )
-from .pipeline import Item, Stream
+from .pipeline import Item
 from .provenance import Provenance, ProvenanceError
 from .sources import NotAnImageSource, Source, iter_sources
 
@@ -182,7 +182,9 @@ def embed_files(
     if checkpoint_rows < 1:
         raise ValueError(f"checkpoint_rows must be >= 1, got {checkpoint_rows}")
     if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other: resume adds to the output, overwrite replaces it")
+        raise ValueError(
+            "resume and overwrite exclude each other: resume adds to the output, overwrite replaces it"
+        )
     checkpoint = Checkpoint(out_path)
     if not resume and not overwrite and (found := existing(out_path)):
         raise OutputExistsError(

@@ -43,13 +43,21 @@ def check_template(template: str) -> None:
     if not isinstance(template, str):
         raise TypeError(f"template must be a str, got {type(template).__name__}")
     try:
-        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+        fields = [
+            (name, spec, conv)
+            for _, name, spec, conv in string.Formatter().parse(template)
+            if name is not None
+        ]
     except ValueError as e:
         raise ValueError(f"template {template!r}: {e}; {literal}") from e
     if fields != [("", "", None)]:
-        others = ["{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}" for name, spec, conv in fields]
+        others = [
+            "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+            for name, spec, conv in fields
+        ]
+        found = others or "none"
         raise ValueError(
-            f"template {template!r}: expected exactly one '{{}}' for the label, found {others or 'none'}; {literal}"
+            f"template {template!r}: expected exactly one '{{}}' for the label, found {found}; {literal}"
         )
 
 
@@ -231,11 +239,12 @@ class Encoder:
 
         ``images`` takes what :func:`nvclip_fast.preprocess` takes: a sequence of uint8 numpy arrays
         (H, W, 3) RGB, (H, W) gray, (H, W, 4) RGBA, PIL images, file paths, encoded bytes, uint8
-        torch tensors (H, W, C), or an (N, H, W, C) array. Files and bytes are decoded here, in
-        parallel, at most ``decode_ahead_mb`` of pixels ahead of the queue (so memory stays bounded);
-        this call returns once all are queued. With ``on_error="raise"`` an undecodable item raises
-        ``ItemError`` (a ValueError naming its index) at once, and one refused by preprocessing sets
-        the Future's exception; with ``on_error="nan"`` bad items get NaN rows. ``normalize``
+        torch tensors (C, H, W) as torchvision gives them, or an (N, H, W, C) array / (N, C, H, W)
+        tensor. Files and bytes are decoded here, in parallel, at most ``decode_ahead_mb`` of pixels
+        ahead of the queue (so memory stays bounded); this call returns once all are queued. With
+        ``on_error="raise"`` the first bad item raises ``ItemError`` (a ValueError naming its index:
+        one that cannot be decoded, or that preprocessing refuses); with ``on_error="nan"`` bad items
+        get NaN rows. ``normalize``
         L2-normalizes the rows (the exported engines already do). ``output``: ``"numpy"`` or
         ``"torch"``. Callbacks added to the Future run on the queue's completion thread: they must
         not wait on this Encoder.

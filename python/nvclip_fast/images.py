@@ -261,7 +261,7 @@ def _resampled_region(image: Any, plan: Any, spec: PreprocessSpec) -> Any:
     sums and pass order), and its output with mean 0 and std 1 is level / 255, read back exactly."""
     from PIL import Image
 
-    (_, first_y, count_y, pad_top), (_, first_x, count_x, pad_left) = plan
+    (_, _, count_y, pad_top), (_, _, count_x, pad_left) = plan
     work = image.convert(_PREMULTIPLIED[image.mode]) if image.mode in _PREMULTIPLIED else image
     pixels = np.asarray(work)
     bands = [np.ascontiguousarray(pixels[:, :, b]) for b in range(pixels.shape[2])]

@@ -390,7 +390,9 @@ class Tokenizer:
         else:
             name = _str(self.name, "tokenizer.name")
             if not _HUB_ID.fullmatch(name) or ".." in name:
-                raise _err("tokenizer.name", f"expected a tokenizer name such as 'bert-base-uncased', got {name!r}")
+                raise _err(
+                    "tokenizer.name", f"expected a tokenizer name such as 'bert-base-uncased', got {name!r}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in TOKENIZER_KEYS[self.kind]}

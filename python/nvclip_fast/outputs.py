@@ -391,7 +391,9 @@ class Checkpoint:
         path = self.dir / CHECKPOINT_META
         if not path.is_file():
             if self._chunks():
-                raise ProvenanceError(f"{self.dir} holds rows without provenance ({CHECKPOINT_META} is missing)")
+                raise ProvenanceError(
+                    f"{self.dir} holds rows without provenance ({CHECKPOINT_META} is missing)"
+                )
             return None
         return Provenance.from_json(path.read_bytes(), str(path))
 

@@ -417,12 +417,16 @@ class Stream:
         )
         self._feeder.start()
 
-    def _feed(self, items: Sequence[Any], load: Callable[[Any], Any] | None, batch: int, workers: int) -> None:
+    def _feed(
+        self, items: Sequence[Any], load: Callable[[Any], Any] | None, batch: int, workers: int
+    ) -> None:
         pipeline = self._pipeline
         try:
             with (
                 concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="nvclip-decode") as pool,
-                contextlib.closing(pipeline._groups(items, pool, workers, batch, self._turns, load)) as groups,
+                contextlib.closing(
+                    pipeline._groups(items, pool, workers, batch, self._turns, load)
+                ) as groups,
             ):
                 for group in groups:
                     good = [item for item in group if item.error is None]
