@@ -107,6 +107,7 @@ def direct(tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:an image of shape")  # 3 x 1000 RGB also reads as channels-first
 def test_vit_s_32_matches_open_clip_on_photos_and_odd_shapes(vits32):
     skimage_data = pytest.importorskip("skimage.data")
     onnx_path, checkpoint = vits32

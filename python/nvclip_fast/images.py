@@ -63,6 +63,7 @@ EXPANSION_FLOOR_BYTES = 96 * MIB
 MAX_RESIZE_BYTES = 256 * MIB
 PILLOW_BAND_BYTES = 4  # the most a Pillow image stores per pixel and band (I and F modes)
 CHANNEL_COUNTS = (1, 3, 4)
+COLOR_CHANNEL_COUNTS = (3, 4)
 # Modes whose bands are 8-bit: resized band by band by the kernel's resampler (Pillow's). RGBA and LA
 # are resized premultiplied, as Pillow does (RGBa, La).
 _UINT8_BAND_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"})
@@ -138,7 +139,9 @@ Sized = tuple[Any, tuple[int, int]]  # (pixels, (width, height) of the image as 
 
 
 def _warn_ambiguous(shape: tuple[int, ...], layout: str, other: str, fix: str) -> None:
-    if len(shape) == 3 and shape[0] in CHANNEL_COUNTS and shape[2] in CHANNEL_COUNTS:
+    """Warn when a 3-D shape reads as a color image either way round ((3, 40, 4): a 3 x 40 RGBA
+    image, or an RGB image of 40 x 4); a first axis of 1 is taken as a row, unannounced."""
+    if len(shape) == 3 and shape[0] in COLOR_CHANNEL_COUNTS and shape[2] in CHANNEL_COUNTS:
         warnings.warn(
             f"an image of shape {tuple(shape)} reads as {layout} or as {other}: taken as {layout}; if it is "
             f"{other}, pass {fix}",
