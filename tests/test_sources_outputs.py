@@ -407,7 +407,7 @@ def test_files_over_the_size_limit_are_refused_unread(tmp_path, monkeypatch):
     (tmp_path / "big.png").write_bytes(_png_bytes() + b"\0" * 100)
     (source,) = iter_sources([tmp_path])
     monkeypatch.setattr(sources_module, "MAX_FILE_BYTES", 64)
-    with pytest.raises(NotAnImageSource, match="over the 64-byte limit"):
+    with pytest.raises(NotAnImageSource, match="a file of 177 bytes, over the limit of 64"):
         sources_module.read_file(source.path, sources_module.MAX_FILE_BYTES)
 
 

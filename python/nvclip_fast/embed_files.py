@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from .outputs import (
 from .pipeline import Item
 from .provenance import Provenance, ProvenanceError
 from .sources import NotAnImageSource, Source, iter_sources
+
+if TYPE_CHECKING:
+    from .probe import LinearProbe
 
 DTYPES = ("float32", "float16")
 CHECKPOINT_ROWS = 4096  # rows per checkpoint chunk (OUT.inprogress/): what an interruption can lose
@@ -150,6 +153,23 @@ def _listed(inputs: Any) -> tuple[list[Source], list[tuple[str, str]]]:
     return sources, duplicates
 
 
+def check_job_output(out: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False) -> Path:
+    """``out`` as a job's output (checked before any model is opened): a ``.parquet`` or ``.npy``
+    name; OutputExistsError when it (or an interrupted run's rows) exists and the job was told
+    neither to ``resume`` nor to ``overwrite`` it; ValueError for both."""
+    out_path = check_output_path(out)
+    if resume and overwrite:
+        raise ValueError(
+            "resume and overwrite exclude each other: resume adds to the output, overwrite replaces it"
+        )
+    if not resume and not overwrite and (found := existing(out_path)):
+        raise OutputExistsError(
+            f"{found[0]} exists: pass --overwrite (overwrite=True) to replace it, or --resume (resume=True) "
+            "to add the missing rows to it"
+        )
+    return out_path
+
+
 def embed_files(
     inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     model: str | os.PathLike[str] | Encoder,
@@ -176,21 +196,12 @@ def embed_files(
     :func:`progress_bar`. ``checkpoint_rows``: finished rows are saved for ``resume`` once that many
     are waiting, at the end of the engine batch that brings them (and on Ctrl-C).
     """
-    out_path = check_output_path(out)
+    out_path = check_job_output(out, resume=resume, overwrite=overwrite)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if checkpoint_rows < 1:
         raise ValueError(f"checkpoint_rows must be >= 1, got {checkpoint_rows}")
-    if resume and overwrite:
-        raise ValueError(
-            "resume and overwrite exclude each other: resume adds to the output, overwrite replaces it"
-        )
     checkpoint = Checkpoint(out_path)
-    if not resume and not overwrite and (found := existing(out_path)):
-        raise OutputExistsError(
-            f"{found[0]} exists: pass --overwrite (overwrite=True) to replace it, or --resume (resume=True) "
-            "to add the missing rows to it"
-        )
     start = time.monotonic()
     sources, duplicates = _listed(inputs)
     with _opened(model, device, batch) as encoder:
@@ -355,7 +366,7 @@ class Prediction:
 def classify_files(
     inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     model: str | os.PathLike[str] | Encoder,
-    labels: Sequence[str],
+    labels: Sequence[str] | None,
     *,
     templates: Sequence[str] | None = None,
     top_k: int = 5,
@@ -363,15 +374,24 @@ def classify_files(
     batch: int | None = None,
     workers: int | None = None,
     progress: bool | None = None,
+    probe: LinearProbe | None = None,
 ) -> tuple[list[Prediction], Summary]:
-    """Zero-shot top-k labels for every image named by ``inputs`` (see :meth:`Encoder.classify`)."""
+    """Zero-shot top-k labels for every image named by ``inputs`` (see :meth:`Encoder.classify`);
+    with ``probe`` (and ``labels`` None), the probe's classes and probabilities instead (a probe
+    trained on another model's embeddings is refused)."""
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     start = time.monotonic()
     sources, duplicates = _listed(inputs)
     predictions = []
     with _opened(model, device, batch) as encoder:
-        text = encoder.label_embeddings(labels, templates)
+        if probe is None:
+            text = encoder.label_embeddings(labels, templates)
+            probabilities = lambda row: encoder.label_probabilities(row[None, :], text)[0]  # noqa: E731
+        else:
+            labels, made_by = probe.classes, encoder.provenance()
+            probe.check(made_by)
+            probabilities = lambda row: probe.predict_proba(row, provenance=made_by)[0]  # noqa: E731
         with (
             progress_bar(len(sources), progress, unit="img") as bar,
             encoder._stream(
@@ -384,8 +404,7 @@ def classify_files(
                     if item.row is None:
                         predictions.append(Prediction(source.id, [], [], item.error))
                     else:
-                        probs = encoder.label_probabilities(item.row[None, :], text)[0]
-                        ranked = top_labels(probs, labels, top_k)
+                        ranked = top_labels(probabilities(item.row), labels, top_k)
                         predictions.append(
                             Prediction(source.id, [label for label, _ in ranked], [p for _, p in ranked])
                         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import logging
 import os
 import string
 import threading
@@ -20,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from . import _C, metadata
+from . import _C, cache, metadata, trt_library
 from ._C import EngineError
-from .bundle import Towers, load_bundle, load_open_clip
+from .bundle import Towers, check_cuda, load_bundle, load_open_clip, parse_device, tensorrt_unavailable_reason
 from .images import as_image_list
 from .metadata import PreprocessSpec
 from .pipeline import ImagePipeline, ItemError, Merge, QueueOptions, Stream, l2_normalize
-from .provenance import Provenance, sha256_files
+from .provenance import Provenance
 from .tokenizer import Tokenizer
 
 ON_ERROR = ("raise", "nan")
@@ -34,6 +35,8 @@ OUTPUTS = ("numpy", "torch")
 DEFAULT_TEMPLATE = "a photo of a {}."
 # Zero-shot logits scale when the bundle has no sidecar: CLIP's learned temperature ends at its cap, 100.
 DEFAULT_LOGIT_SCALE = 100.0
+
+log = logging.getLogger(__name__)
 
 
 def check_template(template: str) -> None:
@@ -74,10 +77,12 @@ def top_labels(probs: np.ndarray, labels: Sequence[str], top_k: int) -> list[tup
 class Encoder:
     """CLIP embeddings of images and text.
 
-    ``Encoder("vith.plan")`` runs a TensorRT plan on the GPU; ``Encoder("vith.onnx", device="cpu")``
-    ONNX Runtime; ``Encoder.from_open_clip(...)`` the open_clip model in PyTorch. The sidecar
-    (``vith.json``) is found by stem; without one the input size is read from the engine and
-    open_clip's default preprocessing is used, with a warning.
+    ``Encoder.from_pretrained("ViT-B-32", pretrained="laion2b_s34b_b79k")`` exports a model once
+    into the bundle cache and runs it on the best engine of the device; ``Encoder("vith")`` runs an
+    exported bundle (named by its stem or any of its files: ``vith.plan`` asks for TensorRT,
+    ``vith.onnx`` for ONNX Runtime, the stem or ``vith.json`` for the best engine here);
+    ``Encoder.from_open_clip(...)`` runs the open_clip model in PyTorch. Without a sidecar the input
+    size is read from the engine and open_clip's default preprocessing is used, with a warning.
 
     Thread-safe: any number of threads may call :meth:`embed` / :meth:`submit` at once, and their
     images are batched together. The keyword ``options`` of every constructor are the queue settings
@@ -88,6 +93,75 @@ class Encoder:
     def __init__(self, path: str | os.PathLike[str], *, device: str = "auto", **options: Any):
         settings = QueueOptions(**options)
         self._start(load_bundle(Path(path), device, settings.threads), settings)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        *,
+        pretrained: str | None = None,
+        weights: str | os.PathLike[str] | None = None,
+        random_weights: bool = False,
+        image_size: int | None = None,
+        precision: str = "fp32",
+        device: str = "auto",
+        text: bool | None = True,
+        progress: bool | None = None,
+        **options: Any,
+    ) -> Encoder:
+        """An open_clip or NVCLIP model by name, exported once into the bundle cache
+        (:mod:`nvclip_fast.cache`) and run on the best engine of ``device``: a TensorRT plan where
+        the device is a GPU and TensorRT loads (built here the first time: TensorRT's builder is
+        needed then); else the ONNX towers under ONNX Runtime, with its CUDA provider on a GPU where
+        onnxruntime-gpu has one; on a GPU with neither, the open_clip model in PyTorch (not cached);
+        else ONNX Runtime on the CPU.
+
+        Exactly one of ``pretrained`` (an open_clip tag, downloaded once), ``weights`` (a checkpoint
+        file) or ``random_weights`` (seeded: the same meaningless weights every time; tests only).
+        ``text``: True needs the text tower (an error before any export when its tokenizer cannot be
+        had from local files), False exports the image tower only, None includes it where it can.
+        The first call exports (the ``export`` extra: torch, open_clip, onnx; ``progress`` shows its
+        stages, None leaving it to tqdm); later calls load the cached bundle, without torch.
+        ``options`` are the queue settings, as for the constructor."""
+        common = {
+            "model": model,
+            "pretrained": pretrained,
+            "weights": None if weights is None else os.fspath(weights),
+            "random_weights": random_weights,
+            "image_size": image_size,
+            "precision": precision,
+            "max_batch": max(metadata.DEFAULT_MAX_BATCH, options.get("max_batch") or 0),
+        }
+        cache.Request(**common)  # bad arguments fail here, before any device work
+        kind, index = parse_device(device)
+        if kind == "auto":
+            kind = "cuda" if _C.cuda_device_count() > 0 else "cpu"
+        target: dict[str, Any] = {"engine": "onnx"}
+        if kind == "cuda":
+            check_cuda(index)
+            target = _gpu_target(index, common)
+            if target["engine"] == "torch":
+                return cls.from_open_clip(
+                    model,
+                    weights=weights,
+                    pretrained=pretrained,
+                    random_weights=random_weights,
+                    image_size=image_size,
+                    device=device,
+                    precision=precision,
+                    **options,
+                )
+        requests = {x: cache.Request(**common, text=x, **target) for x in (True, False)}
+        request = requests[text is not False]
+        if text is None:
+            request = (
+                next((r for r in requests.values() if cache.lookup(r)[0] is not None), None)
+                or (requests[_text_available(model)])
+            )
+        entry, _ = cache.get(request, progress=progress)
+        encoder = cls(entry.bundle, device=device, **options)
+        encoder._towers = dataclasses.replace(encoder._towers, source=request.source)
+        return encoder
 
     @classmethod
     def from_open_clip(
@@ -185,6 +259,14 @@ class Encoder:
         return self._towers.name
 
     @property
+    def source(self) -> dict[str, Any] | None:
+        """How to open the same model again: ``{"bundle": "/abs/path/vith.json"}`` for
+        ``Encoder(path)``, or the keyword arguments of ``Encoder.from_pretrained`` (``model``,
+        ``pretrained`` | ``weights`` | ``random_weights``, ...) for a model opened by name; None for
+        engines of your own."""
+        return None if self._towers.source is None else dict(self._towers.source)
+
+    @property
     def engine(self) -> str:
         """What runs the towers: ``"tensorrt"``, ``"onnxruntime"``, ``"torch"`` or ``"custom"``."""
         return self._towers.engine
@@ -212,7 +294,7 @@ class Encoder:
         engine_sha256 = None
         if towers.weights_sha256 is None and towers.engine_files:
             if self._engine_sha256 is None:
-                self._engine_sha256 = sha256_files(*towers.engine_files)
+                self._engine_sha256 = metadata.sha256_file(*towers.engine_files)
             engine_sha256 = self._engine_sha256
         return Provenance(
             model=self.model,
@@ -400,11 +482,55 @@ class Encoder:
     def __enter__(self) -> Encoder:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # Leaving on an exception (Ctrl-C included), nobody waits for the work in flight: cancel it.
+        self.close(cancel=exc_type is not None)
 
     def __repr__(self) -> str:
         return (
             f"Encoder({self.model!r}, dim={self.dim}, device={self.device!r}, engine={self.engine!r}, "
             f"precision={self.precision!r}, max_batch={self.max_batch}, size={self.spec.size})"
         )
+
+
+def _gpu_target(index: int, common: dict[str, Any]) -> dict[str, Any]:
+    """The engine of a model opened by name (``common``: the cache request's fields) on CUDA device
+    ``index``: a TensorRT entry where a plan can run (cached already, or TensorRT's builder is here
+    to build it), else ONNX with the CUDA provider where onnxruntime-gpu has one, else
+    ``{"engine": "torch"}`` where torch has CUDA, else ONNX (which then says what is missing)."""
+    from .engines import cuda_provider_available
+
+    device = f"cuda:{index}"
+    reason = tensorrt_unavailable_reason(device)
+    if reason is None:
+        gpu = _C.cuda_device(index)
+        plan = {
+            "engine": "tensorrt",
+            "tensorrt": trt_library.load().version,
+            "gpu": f"{gpu['name']} ({gpu['compute_capability']})",
+        }
+        from .trt_build import unavailable_reason
+
+        cached = any(cache.lookup(cache.Request(**common, text=x, **plan))[0] for x in (True, False))
+        if cached or (reason := unavailable_reason()) is None:
+            return plan
+    log.info("%s: no TensorRT plan (%s)", device, reason)
+    if cuda_provider_available():
+        return {"engine": "onnx"}
+    try:
+        import torch
+    except ImportError:
+        return {"engine": "onnx"}
+    return {"engine": "torch"} if torch.cuda.is_available() else {"engine": "onnx"}
+
+
+def _text_available(model: str) -> bool:
+    """Whether the text tower of ``model`` can be exported here (its tokenizer from local files)."""
+    from .models import TokenizerUnavailableError, require_offline_tokenizer
+
+    try:
+        require_offline_tokenizer(model)
+    except TokenizerUnavailableError as e:
+        log.info("%s: exporting the image tower only: %s", model, str(e).split(". ", 1)[0])
+        return False
+    return True

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,19 +31,6 @@ IDENTITY_FIELDS = (
     "precision",
     "normalized",
 )
-
-
-SHA256_CHUNK = 1 << 24  # bytes read at a time
-
-
-def sha256_files(*paths: str | os.PathLike[str]) -> str:
-    """The sha256 of the files' bytes, one after the other (an ONNX graph and its external data)."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            while chunk := f.read(SHA256_CHUNK):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 class ProvenanceError(ValueError):

@@ -99,7 +99,7 @@ _FILE_KINDS = (
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-class NotAnImageSource(ValueError):
+class NotAnImageSource(OSError):
     """A path that cannot be read as an image file: not a regular file, or too large."""
 
 
@@ -211,19 +211,31 @@ def parse_id(image_id: str) -> ParsedId:
     return ParsedId(bytes(parts[0]), bytes(parts[1]), occurrence)
 
 
-def read_id(image_id: str, root: str | os.PathLike[str] | None = None) -> bytes:
-    """The bytes an id names (a file, or a tar shard's member), read the way a job reads them: a
-    relative path is relative to ``root`` (default: the working directory). FileNotFoundError when
-    the file or member is gone, ValueError for a malformed id."""
+def read_id(
+    image_id: str, root: str | os.PathLike[str] | None = None, max_bytes: int = MAX_FILE_BYTES
+) -> bytes:
+    """The bytes an id names (a file, or a tar shard's member), read the way a job reads them: only
+    regular files, never blocking; a relative path is relative to ``root`` (default: the working
+    directory). FileNotFoundError when the file or member is gone, NotAnImageSource (an OSError)
+    for what is not a regular file or is over ``max_bytes``, ValueError for a malformed id."""
     parsed = parse_id(image_id)
     path = parsed.path
     if root is not None and not os.path.isabs(path):
         path = os.path.join(os.fsencode(root), path)
-    if parsed.member is None:
-        return read_file(path)
-    source = _tar_index(os.fsdecode(path), *_stat_key(path)).get((parsed.member, parsed.occurrence))
+    try:
+        if parsed.member is None:
+            return read_file(path, max_bytes)
+        members = _tar_index(os.fsdecode(path), *_stat_key(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{image_id!r}: no such file") from None
+    source = members.get((parsed.member, parsed.occurrence))
     if source is None:
-        raise FileNotFoundError(f"{image_id!r}: no such member in {os.fsdecode(path)!r}")
+        member = os.fsdecode(parsed.member)
+        raise FileNotFoundError(f"{image_id!r}: no member {member!r} in {os.fsdecode(path)!r}")
+    if source.size > max_bytes:
+        raise NotAnImageSource(
+            f"{image_id!r}: a member of {source.size} bytes, over the limit of {max_bytes}"
+        )
     return source.read()
 
 
@@ -276,10 +288,10 @@ def read_file(path: str | bytes | os.PathLike[str], limit: int = MAX_FILE_BYTES)
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         if size > limit:
-            raise NotAnImageSource(f"file of {size} bytes, over the {limit}-byte limit for one image")
+            raise NotAnImageSource(f"a file of {size} bytes, over the limit of {limit} for one image")
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise NotAnImageSource(f"file grew past the {limit}-byte limit for one image while read")
+        raise NotAnImageSource(f"a file that grew past the limit of {limit} bytes while read")
     return data
 
 
