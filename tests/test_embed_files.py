@@ -612,7 +612,7 @@ def test_an_interrupted_runs_rows_are_not_discarded_silently(encoder, messy, tmp
     assert nf.embed_files(root / "a_photos", encoder, out, progress=False, overwrite=True).ok
 
 
-def test_one_path_is_one_input_and_an_empty_folder_writes_nothing(bundle, encoder, messy, tmp_path, capsys):
+def test_one_path_is_one_input_and_an_empty_folder_writes_nothing(encoder, messy, tmp_path, capsys):
     root, _, _ = messy
     summary = nf.embed_files(str(root / "a_photos"), encoder, tmp_path / "one.npy", progress=False)
     assert (summary.total, summary.failed) == (7, 0)  # the folder, not its name's characters
@@ -620,8 +620,8 @@ def test_one_path_is_one_input_and_an_empty_folder_writes_nothing(bundle, encode
     empty.mkdir()
     (empty / "notes.txt").write_text("no image here")
     out = tmp_path / "e.parquet"
-    assert _embed_cli(empty, "-m", bundle, "-o", out) == cli.EXIT_USAGE
-    assert "no images found" in capsys.readouterr().err
+    assert _embed_cli(empty, "-m", tmp_path / "no_model.onnx", "-o", out) == cli.EXIT_USAGE
+    assert "no images found" in capsys.readouterr().err  # said before any model is opened
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "empty",
         "one.npy",

@@ -19,6 +19,7 @@ from .commands import PROG, add_command, add_model_options, encoder_loader, exam
 from .embed_files import (
     CHECKPOINT_ROWS,
     DTYPES,
+    check_inputs,
     check_job_output,
     classify_files,
     embed_files,
@@ -249,6 +250,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     try:
         # Before a model is opened (perhaps exported) for nothing.
         check_job_output(args.output, resume=args.resume, overwrite=args.overwrite)
+        check_inputs(args.inputs)
         load = encoder_loader(args, text=None, max_batch=args.batch)
         with load() as encoder:
             summary = embed_files(
@@ -292,6 +294,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     try:
         labels = _labels(args.labels) if args.labels else None
         probe = LinearProbe.load(args.probe) if args.probe else None
+        check_inputs(args.inputs)
         load = encoder_loader(args, text=probe is None, max_batch=args.batch)
         with load() as encoder:
             predictions, summary = classify_files(

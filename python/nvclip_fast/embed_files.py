@@ -140,16 +140,22 @@ def _workers(workers: int | None) -> int:
     return max(1, workers if workers else (os.cpu_count() or 1))
 
 
-def _listed(inputs: Any) -> tuple[list[Source], list[tuple[str, str]]]:
-    """Every source named by ``inputs``, each id once, and (id, "duplicate") for each repeat.
-    NoImagesError when there is none."""
-    sources, duplicates = _dedupe(iter_sources(inputs))
-    if not sources:
+def check_inputs(inputs: Any) -> None:
+    """NoImagesError when ``inputs`` name no image at all (listing stops at the first one found)."""
+    if next(iter_sources(inputs), None) is None:
         shown = [os.fspath(i) for i in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
         raise NoImagesError(
             f"no images found in {shown}: a folder scan takes regular files with an image extension "
             "or signature, and .tar shards"
         )
+
+
+def _listed(inputs: Any) -> tuple[list[Source], list[tuple[str, str]]]:
+    """Every source named by ``inputs``, each id once, and (id, "duplicate") for each repeat.
+    NoImagesError when there is none."""
+    sources, duplicates = _dedupe(iter_sources(inputs))
+    if not sources:
+        check_inputs(inputs)
     return sources, duplicates
 
 
