@@ -226,8 +226,9 @@ def _pil_transform(image: Any, spec: PreprocessSpec) -> Any:
 def _nearest_indices(length: int, resized: int, first: int, count: int) -> np.ndarray:
     """The source pixels Pillow's NEAREST resize of an axis of ``length`` to ``resized`` picks for
     the kept outputs ``first .. first + count``: computed by Pillow itself, on a one-row image
-    holding each pixel's index, so it costs the axis, not the image. Pillow steps through both axes
-    the same way (a running sum of the scale, from half a step), so the row serves either axis."""
+    holding each pixel's index, so it costs the axis, not the image. Pillow maps both axes with the
+    same arithmetic (a running sum of the scale from half a step), so a row serves either axis: the
+    pixels picked equal those of Pillow's own resize (tests/test_preprocess.py)."""
     from PIL import Image
 
     need = resized * np.dtype(np.int32).itemsize

@@ -67,13 +67,12 @@ class ItemError(ValueError):
 @dataclass(frozen=True)
 class QueueOptions:
     """How an Encoder feeds its image engine (its constructors' keyword arguments): ``max_batch``
-    images per batch (None: the engine's optimal batch), waiting ``max_delay_ms`` to fill; ``streams``
-    batches in flight; ``staging_mb`` of staging ring (None: 64 MiB for CPU engines; for CUDA
-    engines (streams + 1) full batches of 640 x 480 photos, at least 256 MiB);
-    ``threads`` for decoding and preprocessing (and ONNX Runtime), None = every core;
-    None for ``max_batch`` is the engine's optimal batch, at most what fits ``ENGINE_INPUT_BUDGET`` of
-    engine input over the streams;
-    ``decode_ahead_mb`` of decoded pixels held ahead of the queue, all callers together."""
+    images per batch (None: the engine's optimal batch, at most what keeps ``ENGINE_INPUT_BUDGET`` of
+    engine input over the streams), waiting ``max_delay_ms`` to fill; ``streams`` batches in flight;
+    ``staging_mb`` of staging ring (None: 64 MiB for CPU engines; for CUDA engines (streams + 1)
+    full batches of 640 x 480 photos, at least 256 MiB); ``threads`` for decoding and preprocessing
+    (and ONNX Runtime), None = every core; ``decode_ahead_mb`` of decoded pixels held ahead of the
+    queue, all callers together."""
 
     max_batch: int | None = None
     max_delay_ms: float = 2.0
