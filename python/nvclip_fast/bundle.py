@@ -59,6 +59,10 @@ class Towers:
     # How to open the same model again (the provenance's ``source``): {"bundle": "/abs/vith.json"},
     # or {"model": NAME, "pretrained": TAG | "weights": PATH | "random_weights": True, ...}.
     source: Mapping[str, Any] | None = None
+    # What identifies the weights (``Encoder.provenance``): their sha256 where the sidecar records
+    # it; else the image engine's files, whose sha256 then tells engines apart.
+    weights_sha256: str | None = None
+    engine_files: tuple[Path, ...] = ()
 
 
 def model_source(
@@ -215,6 +219,9 @@ def load_bundle(path: str | Path, device: str | Sequence[str], threads: int | No
 
     shares = thread_shares(threads, len(devices))
     images = tuple(make(path, "image", i, n) for i, n in zip(devices.indices, shares, strict=True))
+    data = metadata.BundlePaths.data(path)
+    identity = {"engine_files": (path, data) if not plan and data.is_file() else (path,)}
+    source = {"bundle": str((sidecar if meta is not None else path).resolve())}
     paths = metadata.bundle_paths(path)
     text_path: Path | None = (paths.plan if plan else paths.onnx)["text"]
     if meta is not None:
@@ -245,9 +252,11 @@ def load_bundle(path: str | Path, device: str | Sequence[str], threads: int | No
             else functools.partial(load_tokenizer, meta.tokenizer, sidecar.parent)
         )
         scale, bias = meta.logit_scale, meta.logit_bias
-        source = {"bundle": str(sidecar.resolve())}
         kinds = {"meta": meta, "engine": engine, "precision": precision, "source": source}
-        return Towers(images, text, meta.preprocess, tokenizer, engine_dim, meta.model, scale, bias, **kinds)
+        kinds["weights_sha256"] = meta.weights.sha256
+        return Towers(
+            images, text, meta.preprocess, tokenizer, engine_dim, meta.model, scale, bias, **kinds, **identity
+        )
 
     warnings.warn(
         f"{path}: no sidecar {files.stem.name}{metadata.SIDECAR_SUFFIX}; preprocessing uses open_clip's "
@@ -266,8 +275,8 @@ def load_bundle(path: str | Path, device: str | Sequence[str], threads: int | No
             return load_tokenizer(spec, path.parent)
 
     spec = PreprocessSpec(size=engine_size)
-    kinds = {"engine": engine, "precision": precision, "source": {"bundle": str(path.resolve())}}
-    return Towers(images, text, spec, bare_tokenizer, engine_dim, path.stem, **kinds)
+    kinds = {"engine": engine, "precision": precision, "source": source}
+    return Towers(images, text, spec, bare_tokenizer, engine_dim, path.stem, **kinds, **identity)
 
 
 def load_open_clip(
@@ -345,4 +354,5 @@ def load_open_clip(
         precision=precision,
     )
     kinds = {"engine": "torch", "precision": precision, "source": source}
+    kinds["weights_sha256"] = loaded.weights.sha256
     return Towers(images, text, loaded.preprocess, tokenizer, embed_dim, model, scale, bias, **kinds)
