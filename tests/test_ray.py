@@ -258,6 +258,13 @@ def test_cli_ray_writes_what_embed_writes_and_resume_redoes_only_missing_partiti
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     check_same_as_in_process()
 
+    # Another cut of the same inputs: the parts of the old one hold its ids and go; no row twice.
+    argv[argv.index("--partition-images") + 1] = "7"
+    assert cli.main([*argv, "--ray", "--resume"]) == cli.EXIT_SOME_FAILED
+    assert not set(_parts(out)) & set(parts)
+    assert len(_parts(out)) == 3  # 7 + 7, then the shard's
+    check_same_as_in_process()
+
 
 def test_cli_ray_resume_refuses_rows_of_another_model(tiny, tiny_clip_bundles, folder, tmp_path, capsys):
     out = tmp_path / "emb"

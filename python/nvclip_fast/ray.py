@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import extras
-from .embed_files import Summary, _dedupe, _read, check_inputs, progress_bar
+from .embed_files import DTYPES, Summary, _listed, _read, progress_bar
 from .images import Encoded
 from .outputs import _parquet_schema, atomic_path, write_errors
 from .provenance import PARQUET_KEY, Provenance, ProvenanceError
-from .sources import Source, iter_sources
+from .sources import Source
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -337,18 +337,21 @@ def _row(source: Source, partition: int) -> dict[str, Any]:
 
 
 class _Writer:
-    """Collects the embedded rows of each partition and writes its part file once all are back."""
+    """Collects the rows of each partition as they come back and writes the partition's part file
+    once every one of its inputs has its row or its error. A row that comes back twice (a retried
+    batch) counts once."""
 
     def __init__(self, out: Path, todo: Sequence[Partition], dtype: str, stored: Provenance | None):
         self.out, self.dtype, self.stored = out, dtype, stored
         self.todo = {p.index: p for p in todo}
         self.received: dict[int, list[pa.Table]] = {p.index: [] for p in todo}
-        self.count = dict.fromkeys(self.todo, 0)
+        self.seen: dict[int, set[str]] = {p.index: set() for p in todo}
         self.provenance: Provenance | None = None
         self.embedded = 0
 
-    def take(self, batch: pa.Table) -> list[Partition]:
-        """Take a batch of results; returns the partitions it completed (written)."""
+    def take(self, batch: pa.Table) -> None:
+        """Take a batch of results, writing the partitions it completes. The first batch's provenance
+        must be the stored rows' (ProvenanceError naming the field otherwise)."""
         import pyarrow.compute as pc
 
         if self.provenance is None:
@@ -359,32 +362,35 @@ class _Writer:
                     "and options, or write to another output (or --overwrite)"
                 )
             self.provenance = made
-        done = []
         for index in pc.unique(batch.column(PARTITION)).to_pylist():
+            if index not in self.received:
+                continue  # written already: a retried batch's copy
             rows = batch.filter(pc.equal(batch.column(PARTITION), index))
-            self.received[index].append(rows)
-            self.count[index] += len(rows)
-            if self.count[index] == len(self.todo[index].sources):
+            self.received[index].append(rows.select([ID, EMBEDDING, WIDTH, HEIGHT, ERROR]))
+            self.seen[index].update(rows.column(ID).to_pylist())
+            if len(self.seen[index]) == len(self.todo[index].sources):
                 self._write(self.todo[index], self.received.pop(index))
-                done.append(self.todo[index])
-        return done
+
+    def missing(self) -> int:
+        """Inputs of partitions not written (0 once the job is through)."""
+        return sum(len(self.todo[i].sources) - len(self.seen[i]) for i in self.received)
 
     def _write(self, partition: Partition, tables: list[pa.Table]) -> None:
         import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         assert self.provenance is not None
-        table = pa.concat_tables([t.select([ID, EMBEDDING, WIDTH, HEIGHT, ERROR]) for t in tables])
+        table = pa.concat_tables(tables)
         where = {image_id: k for k, image_id in enumerate(table.column(ID).to_pylist())}
-        order = [where[s.id] for s in partition.sources]  # the partition's input order
-        table = table.take(order)
+        table = table.take([where[s.id] for s in partition.sources])  # input order, each id once
         failed = table.column(ERROR).is_valid()
         errors = [
             {"path": i, "error": e}
             for i, e in zip(table.column(ID).to_pylist(), table.column(ERROR).to_pylist(), strict=True)
             if e is not None
         ]
-        good = table.filter(pa.compute.invert(failed))
+        good = table.filter(pc.invert(failed))
         dim = self.provenance.embed_dim
         values = good.column(EMBEDDING).combine_chunks().flatten().to_numpy(zero_copy_only=False)
         schema = _parquet_schema(dim, self.dtype, self.provenance)
@@ -431,7 +437,7 @@ def embed_with_ray(
     batch_size: int = DEFAULT_BATCH_SIZE,
     actors: int | None = None,
     num_gpus: float | None = None,
-    num_cpus: float | None = None,
+    num_cpus: float | None = 1,
     dtype: str = "float32",
     partition_images: int = DEFAULT_PARTITION_IMAGES,
     resume: bool = False,
@@ -456,16 +462,15 @@ def embed_with_ray(
 
     Ray: an existing connection is used as it is; else ``ray.init(address=address)`` (None: a local
     cluster), shut down at the end. ``actors`` (default: one per GPU of the cluster, else 1) each
-    take ``num_gpus`` (default 1 on a cluster with GPUs) and ``num_cpus`` (default 1); ``embedder``:
+    take ``num_gpus`` (default 1 on a cluster with GPUs) and ``num_cpus``; ``embedder``:
     further :func:`embed_dataset` options.
     """
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     out = check_ray_output(out, resume=resume, overwrite=overwrite)
     ray = _ray()
     start = time.monotonic()
-    check_inputs(inputs)
-    sources, duplicates = _dedupe(iter_sources(inputs))
+    sources, duplicates = _listed(inputs)
     plan = partitions(sources, partition_images)
     found = {p.name: p for p in out.glob(f"{PART_PREFIX}*{PART_SUFFIX}")} if out.is_dir() else {}
     if overwrite:
@@ -473,23 +478,19 @@ def embed_with_ray(
             path.unlink()
         found = {}
     stored = _stored_provenance(found.values())
-    planned = {p.name for p in plan}
     done = [p for p in plan if p.name in found and _complete(found[p.name], p)]
     todo = [p for p in plan if p not in done]
-    ids = {s.id for s in sources}
-    stale = [
-        path
-        for name, path in found.items()
-        if name not in planned and ids.intersection(_Part.read(path).ids())
-    ]
+    # Parts of another listing of the inputs (other files, another --partition-images) holding ids of
+    # this one: their images are embedded again in this listing's partitions, so they go, once this
+    # job's rows are known to be of the same model as theirs.
+    planned, ids = {p.name for p in plan}, {s.id for s in sources}
+    stale = [p for name, p in found.items() if name not in planned and ids.intersection(_Part.read(p).ids())]
     out.mkdir(parents=True, exist_ok=True)
     writer = _Writer(out, todo, dtype, stored)
     with _connected(ray, address):
         if todo:
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            items = [_row(s, p.index) for p in todo for s in p.sources]
             ds = ray.data.from_items(
-                items, override_num_blocks=max(1, min(len(todo), 4 * len(items) // batch_size + 1))
+                [_row(s, p.index) for p in todo for s in p.sources], override_num_blocks=len(todo)
             )
             ds = ds.map_batches(_read_sources, batch_format="pyarrow", batch_size=batch_size)
             gpus = ray.cluster_resources().get("GPU", 0)
@@ -502,22 +503,18 @@ def embed_with_ray(
                 model,
                 batch_size=batch_size,
                 num_gpus=num_gpus,
-                num_cpus=num_cpus or 1,
+                num_cpus=num_cpus,
                 actors=actors,
                 **embedder,
-            )
-            ds = ds.drop_columns([IMAGE, FILE, OFFSET, SIZE])
+            ).drop_columns([IMAGE, FILE, OFFSET, SIZE])
             with progress_bar(sum(len(p.sources) for p in todo), progress, unit="img") as bar:
                 for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                    first = writer.provenance is None
                     writer.take(batch)
-                    if first:  # this job's rows are of the stored rows' model: others may go
-                        for path in stale:
-                            path.unlink(missing_ok=True)
+                    _remove(stale)
                     bar.update(len(batch))
-        else:
-            for path in stale:
-                path.unlink(missing_ok=True)
+            if writer.missing():
+                raise RuntimeError(f"Ray returned no row for {writer.missing()} inputs: rerun with --resume")
+    _remove(stale)
     errors = [e for p in plan for e in _Part.read(out / p.name).errors]
     errors_path = write_errors(out, errors + duplicates)
     return Summary(
@@ -530,6 +527,11 @@ def embed_with_ray(
         out=out,
         errors_path=errors_path,
     )
+
+
+def _remove(paths: list[Path]) -> None:
+    while paths:
+        paths.pop().unlink(missing_ok=True)
 
 
 def _complete(path: Path, partition: Partition) -> bool:
@@ -556,12 +558,16 @@ def _stored_provenance(parts: Iterable[Path]) -> Provenance | None:
 
 @contextlib.contextmanager
 def _connected(ray: Any, address: str | None) -> Iterator[None]:
-    """Ray as it is when connected; else ``ray.init(address=...)``, shut down after the block."""
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    """Ray as it is when connected; else ``ray.init(address=...)``, shut down after the block. Ray
+    Data's own progress bars are hidden meanwhile."""
+    context = ray.data.DataContext.get_current()
+    shown, context.enable_progress_bars = context.enable_progress_bars, False  # the job has its own bar
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
-        ray.shutdown()
+        context.enable_progress_bars = shown
+        if started:
+            ray.shutdown()
