@@ -220,14 +220,15 @@ def _parts(out: Path) -> list[Path]:
 def test_cli_ray_writes_what_embed_writes_and_resume_redoes_only_missing_partitions(
     tiny, folder, shard, tmp_path, capsys
 ):
-    inputs = [str(folder), str(shard), str(folder / "00.png")]  # 00.png twice: a duplicate
+    # 00.png twice (a duplicate), and a path that is not there (an error of the listing)
+    inputs = [str(folder), str(shard), str(folder / "00.png"), str(tmp_path / "missing.jpg")]
     reference = tmp_path / "in-process.parquet"
     assert cli.main(["embed", *inputs, "-m", str(tiny[1]), "-o", str(reference), "--no-progress"]) == 1
     out = tmp_path / "emb"
     argv = ["embed", *inputs, "-m", str(tiny[1]), "-o", str(out), "--no-progress", "--partition-images", "5"]
     assert cli.main([*argv, "--ray"]) == cli.EXIT_SOME_FAILED
     parts = _parts(out)
-    assert len(parts) == 4  # 14 files in partitions of 5 (5, 5, 4), then the shard's own
+    assert len(parts) == 5  # 14 files in partitions of 5 (5, 5, 4), the shard's own, the missing file
 
     def check_same_as_in_process() -> None:
         want = read_output(reference)
@@ -243,6 +244,7 @@ def test_cli_ray_writes_what_embed_writes_and_resume_redoes_only_missing_partiti
         errors = Path(f"{out}.errors.jsonl").read_text()
         assert errors == Path(f"{reference}.errors.jsonl").read_text()  # the same failures, in order
         assert '"duplicate"' in errors
+        assert "no such file or directory" in errors
 
     check_same_as_in_process()
     capsys.readouterr()
@@ -262,7 +264,7 @@ def test_cli_ray_writes_what_embed_writes_and_resume_redoes_only_missing_partiti
     argv[argv.index("--partition-images") + 1] = "7"
     assert cli.main([*argv, "--ray", "--resume"]) == cli.EXIT_SOME_FAILED
     assert not set(_parts(out)) & set(parts)
-    assert len(_parts(out)) == 3  # 7 + 7, then the shard's
+    assert len(_parts(out)) == 4  # 7 + 7, the shard's, the missing file
     check_same_as_in_process()
 
 

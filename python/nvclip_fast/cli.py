@@ -300,6 +300,7 @@ def _cmd_embed_ray(args: argparse.Namespace) -> int:
             encoder_loader(args, text=None, max_batch=args.batch, threads=cpus),
             args.output,
             address=args.ray or None,
+            batch_size=max(ray.DEFAULT_BATCH_SIZE, args.batch or 0),
             actors=args.actors,
             num_gpus=args.gpus_per_actor,
             num_cpus=cpus,
@@ -422,6 +423,7 @@ def _add_job_parsers(sub: argparse._SubParsersAction) -> None:
             "nvclip-fast embed ./photos -m ViT-B-32 --pretrained laion2b_s34b_b79k -o photos.parquet",
             "nvclip-fast embed shards/*.tar @more_files.txt -m vith -o photos.npy --dtype float16",
             "nvclip-fast embed ./photos -m vith.plan -o photos.parquet --resume   # after an interruption",
+            "nvclip-fast embed /shared/photos -m /shared/vith -o /shared/photos.emb --ray auto --threads 8",
         ],
     )
     _add_image_job_options(p)
@@ -458,7 +460,8 @@ def _add_job_parsers(sub: argparse._SubParsersAction) -> None:
         nargs="?",
         const="",
         metavar="ADDRESS",
-        help="embed on a Ray cluster (ADDRESS, e.g. ray://head:10001 or auto; none given: a local one)",
+        help="embed on Ray Data: ray.init(address=ADDRESS), e.g. auto or ray://head:10001; without ADDRESS "
+        "the cluster of $RAY_ADDRESS or of the last `ray start` here, else a local one for this job",
     )
     cluster.add_argument(
         "--actors", type=int, metavar="N", help="Encoders (actors) in the pool (default: one per GPU, else 1)"

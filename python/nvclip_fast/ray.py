@@ -299,9 +299,10 @@ class _Part:
         )
 
     def ids(self) -> list[str]:
+        """The inputs of its partition: its rows' ids and its failures'."""
         import pyarrow.parquet as pq
 
-        return pq.read_table(self.path, columns=[ID]).column(ID).to_pylist()
+        return pq.read_table(self.path, columns=[ID]).column(ID).to_pylist() + [i for i, _ in self.errors]
 
 
 def _read_sources(batch: pa.Table) -> pa.Table:
@@ -460,8 +461,9 @@ def embed_with_ray(
     are embedded again in this listing's partitions), others are kept. Rows made by another model,
     preprocessing, precision or dtype are refused (ProvenanceError naming the field).
 
-    Ray: an existing connection is used as it is; else ``ray.init(address=address)`` (None: a local
-    cluster), shut down at the end. ``actors`` (default: one per GPU of the cluster, else 1) each
+    Ray: an existing connection is used as it is; else ``ray.init(address=address)`` (None: the
+    cluster of ``$RAY_ADDRESS`` or of the last ``ray start`` on this machine, else a local one), shut
+    down at the end. ``actors`` (default: one per GPU of the cluster, else 1) each
     take ``num_gpus`` (default 1 on a cluster with GPUs) and ``num_cpus``; ``embedder``:
     further :func:`embed_dataset` options.
     """
