@@ -278,3 +278,42 @@ def test_cli_ray_resume_refuses_rows_of_another_model(tiny, tiny_clip_bundles, f
     assert cli.main([*argv, "-m", str(tiny_clip_bundles[0]), "--resume"]) == cli.EXIT_USAGE
     assert "weights_sha256 differs" in capsys.readouterr().err
     assert _parts(out) == first[1:]  # nothing written, nothing removed
+
+
+# --- without a cluster -----------------------------------------------------------------------------
+
+
+class _Recorder:
+    """A stand-in Dataset that records how map_batches was called."""
+
+    def map_batches(self, fn, **kwargs):
+        self.fn, self.kwargs = fn, kwargs
+        return self
+
+
+@pytest.mark.parametrize(("version", "expected"), [("2.60.0", "compute"), ("2.50.1", "concurrency")])
+def test_the_actor_pool_is_compute_since_ray_2_51_and_concurrency_before(
+    tiny, monkeypatch, version, expected
+):
+    monkeypatch.setattr(ray, "__version__", version)
+    ds = nf_ray.embed_dataset(_Recorder(), tiny[1], num_gpus=1, num_cpus=4, actors=(2, 8), batch_size=64)
+    assert ds.fn is nf_ray.Embedder
+    assert (ds.kwargs["num_gpus"], ds.kwargs["num_cpus"], ds.kwargs["batch_size"]) == (1, 4, 64)
+    assert ds.kwargs["fn_constructor_kwargs"]["threads"] == 4  # the actor's CPUs are its threads
+    if expected == "compute":
+        pool = ds.kwargs["compute"]
+        assert isinstance(pool, ray.data.ActorPoolStrategy)
+        assert (pool.min_size, pool.max_size) == (2, 8)
+        assert "concurrency" not in ds.kwargs
+    else:
+        assert ds.kwargs["concurrency"] == (2, 8)
+        assert "compute" not in ds.kwargs
+
+
+def test_without_ray_the_error_names_the_extra(tiny, folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails, as where it is not installed
+    with pytest.raises(ImportError, match=r"Ray Data jobs needs the 'ray' extra \(ray is not installed\)"):
+        nf_ray.embed_dataset(_Recorder(), tiny[1])
+    argv = ["embed", str(folder), "-m", str(tiny[1]), "-o", str(tmp_path / "emb"), "--ray"]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "'ray' extra" in capsys.readouterr().err

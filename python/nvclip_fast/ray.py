@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -78,13 +79,13 @@ def _version(text: str) -> tuple[int, int]:
 
 
 def _actor_cpus() -> int:
-    """The CPUs Ray gave this actor (its decoding and ONNX Runtime threads), at least 1."""
-    try:
-        import ray
-
-        return max(1, round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-    except Exception:  # outside Ray (a test calling the class directly): every core
+    """The CPUs Ray gave this actor (its decoding and ONNX Runtime threads), at least 1; every core
+    outside a Ray actor."""
+    ray = sys.modules.get("ray")  # inside an actor Ray is imported; elsewhere not needed
+    context = ray.get_runtime_context() if ray is not None and ray.is_initialized() else None
+    if context is None or context.get_actor_id() is None:
         return os.cpu_count() or 1
+    return max(1, round(context.get_assigned_resources().get("CPU", 1)))
 
 
 ModelSource = str | os.PathLike[str] | Callable[[], "Encoder"]
@@ -180,7 +181,7 @@ class Embedder:
 def _read_bytes(value: bytes, name: str) -> Encoded:
     if not value:
         raise ValueError("empty file")
-    return Encoded(bytes(value), name)
+    return Encoded(value, name)
 
 
 def embed_dataset(
