@@ -1,5 +1,5 @@
 """What every benchmark shares: timing through pytest-benchmark, images/s, the comparisons that the
-end-of-run summary computes (ours / peer, from the run's own numbers), the targets the issues set,
+end-of-run summary computes (ours / peer, from the run's own numbers), the targets set for them,
 and the GPU's FP16 dense ceiling read off the device.
 
     python benchmarks/throughput.py summary BENCH.json [--markdown OUT.md]
@@ -34,7 +34,7 @@ EMBED_GPU_VS_MODEL_ONLY = 0.9  # PyTorch engine end to end >= 0.9x model-only
 
 # --- the work: vision-tower FLOPs per image (2 per multiply-add) --------------------------------------
 # Counted by torch.utils.flop_counter.FlopCounterMode on open_clip 3.3's encode_image at batch 1
-# (tests/test_throughput.py recounts them on the meta device); DESIGN.md's performance anchors.
+# (tests/test_throughput.py recounts them on the meta device).
 GFLOP_PER_IMAGE = {
     ("ViT-L-14", 336): 382.0,
     ("ViT-H-14", 336): 781.5,

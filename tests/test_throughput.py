@@ -74,10 +74,10 @@ def test_gpu_properties_never_guess():
 def _rows():
     Compare, Row = tp.Compare, tp.Row
     return [
-        Row("g", "ours", 300.0, [Compare("peer", 1.5, "issue 5"), Compare("other")]),
+        Row("g", "ours", 300.0, [Compare("peer", 1.5, "embedding goal"), Compare("other")]),
         Row("g", "peer", 100.0),
-        Row("g", "slow ours", 120.0, [Compare("peer", 1.5, "issue 5"), Compare("absent")]),
-        Row("h", "kernel", 50.0, min_images_per_s=100.0, source="issue 3"),
+        Row("g", "slow ours", 120.0, [Compare("peer", 1.5, "embedding goal"), Compare("absent")]),
+        Row("h", "kernel", 50.0, min_images_per_s=100.0, source="preprocessing goal"),
     ]
 
 
@@ -89,7 +89,7 @@ def test_ratios_come_from_the_rows_and_targets_can_be_missed():
     assert got[("slow ours", "peer")].met is False
     assert tp.missed(_rows()) == ["g: slow ours / peer = 1.20x < 1.5x", "h: kernel = 50 img/s < 100"]
     text = "\n".join(tp.summary_lines(_rows()))
-    assert "g: ours / peer = 3.00x  (target >= 1.5x, issue 5: met)" in text
+    assert "g: ours / peer = 3.00x  (target >= 1.5x, embedding goal: met)" in text
     assert "MISSED" in text
 
 
