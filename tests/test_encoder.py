@@ -81,7 +81,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoder(tiny):
-    with Encoder(tiny[1], device="cpu", threads=1) as enc:
+    with Encoder(tiny[1], device="cpu", engine="onnxruntime", threads=1) as enc:  # as `direct` runs it
         yield enc
 
 

@@ -744,7 +744,7 @@ def test_queue_metrics_export_every_stat_and_batch_sizes():
 
 
 def _args(**given) -> argparse.Namespace:
-    args = {"pretrained": None, "weights": None, "random_weights": False, "precision": None}
+    args = {"pretrained": None, "weights": None, "random_weights": False, "precision": None, "engine": "auto"}
     return argparse.Namespace(
         **{**args, "device": "cpu", "max_batch": None, "max_delay_ms": None, "threads": None, **given}
     )
@@ -769,13 +769,19 @@ def test_encoder_loader_maps_the_command_line(monkeypatch, tmp_path):
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"")
     server.encoder_loader(_args(model=str(onnx), threads=2))()
-    assert calls[-1] == ((onnx,), {"device": "cpu", "threads": 2})
+    assert calls[-1] == ((onnx,), {"device": "cpu", "threads": 2, "engine": "auto", "precision": None})
     with pytest.raises(ValueError, match="not an exported bundle"):
         server.encoder_loader(_args(model="ViT-B-32"))
     with pytest.raises(ValueError, match="no such file"):
         server.encoder_loader(_args(model=str(tmp_path / "missing.plan")))
-    with pytest.raises(ValueError, match="--precision applies to open_clip models"):
+    server.encoder_loader(_args(model=str(onnx), engine="openvino", precision="bf16"))()
+    assert calls[-1] == ((onnx,), {"device": "cpu", "engine": "openvino", "precision": "bf16"})
+    with pytest.raises(ValueError, match="--precision fp16 applies to open_clip models"):
         server.encoder_loader(_args(model=str(onnx), precision="fp16"))
+    with pytest.raises(ValueError, match=r"--precision bf16 runs an fp32 \.onnx bundle on the CPU"):
+        server.encoder_loader(_args(model="ViT-B-32", weights="w.pt", precision="bf16"))
+    with pytest.raises(ValueError, match=r"--engine chooses what runs an \.onnx bundle"):
+        server.encoder_loader(_args(model="ViT-B-32", weights="w.pt", engine="openvino"))
 
 
 def test_serve_usage_errors_exit_2(capsys, tmp_path):

@@ -8,7 +8,9 @@ import shlex
 import sys
 
 from . import _C, __version__, build_info, metadata, server
-from .embed_files import CHECKPOINT_ROWS, DTYPES, classify_files, embed_files, write_predictions
+from .embed_files import CHECKPOINT_ROWS, DTYPES, Summary, classify_files, embed_files, write_predictions
+from .encoder import Encoder
+from .engines import AUTO_ENGINE_RULE, CPU_PRECISIONS, ENGINE_CHOICES
 
 # Exit codes of `nvclip-fast export` (argparse itself exits 2 on malformed arguments).
 EXIT_OK = 0
@@ -128,20 +130,32 @@ def _job_fail(command: str, e: BaseException) -> int:
     return EXIT_USAGE
 
 
+def _job_encoder(args: argparse.Namespace) -> Encoder:
+    """The Encoder of an ``embed`` / ``classify`` job (closed by the job's ``with``)."""
+    return Encoder(
+        args.model, device=args.device, max_batch=args.batch, engine=args.engine, precision=args.precision
+    )
+
+
+def _summary(summary: Summary, encoder: Encoder) -> str:
+    """The job's summary line, and what ran it."""
+    return f"{summary.line()} [{encoder.engine} {encoder.precision} on {encoder.device}]"
+
+
 def _cmd_embed(args: argparse.Namespace) -> int:
     try:
-        summary = embed_files(
-            args.inputs,
-            args.model,
-            args.output,
-            device=args.device,
-            batch=args.batch,
-            workers=args.workers,
-            dtype=args.dtype,
-            resume=args.resume,
-            progress=False if args.no_progress else None,
-            checkpoint_rows=args.checkpoint_rows,
-        )
+        with _job_encoder(args) as encoder:
+            summary = embed_files(
+                args.inputs,
+                encoder,
+                args.output,
+                batch=args.batch,
+                workers=args.workers,
+                dtype=args.dtype,
+                resume=args.resume,
+                progress=False if args.no_progress else None,
+                checkpoint_rows=args.checkpoint_rows,
+            )
     except KeyboardInterrupt:
         print(
             "nvclip-fast embed: interrupted; finished rows are kept for --resume, the output was not written",
@@ -150,7 +164,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except (ValueError, OSError, _C.EngineError, ImportError) as e:  # OSError: no such file, write errors
         return _job_fail("embed", e)
-    print(summary.line(), file=sys.stderr)
+    print(_summary(summary, encoder), file=sys.stderr)
     return EXIT_OK if summary.ok else EXIT_SOME_FAILED
 
 
@@ -164,17 +178,17 @@ def _labels(text: str) -> list[str]:
 def _cmd_classify(args: argparse.Namespace) -> int:
     try:
         labels = _labels(args.labels)
-        predictions, summary = classify_files(
-            args.inputs,
-            args.model,
-            labels,
-            templates=args.template,
-            top_k=args.top_k,
-            device=args.device,
-            batch=args.batch,
-            workers=args.workers,
-            progress=False if args.no_progress else None,
-        )
+        with _job_encoder(args) as encoder:
+            predictions, summary = classify_files(
+                args.inputs,
+                encoder,
+                labels,
+                templates=args.template,
+                top_k=args.top_k,
+                batch=args.batch,
+                workers=args.workers,
+                progress=False if args.no_progress else None,
+            )
         if args.output:
             write_predictions(args.output, predictions)
     except KeyboardInterrupt:
@@ -190,8 +204,24 @@ def _cmd_classify(args: argparse.Namespace) -> int:
                 else ", ".join(f"{label} {prob:.4f}" for label, prob in zip(p.labels, p.probs, strict=True))
             )
             print(f"{p.id}\t{shown}")
-    print(summary.line(), file=sys.stderr)
+    print(_summary(summary, encoder), file=sys.stderr)
     return EXIT_OK if summary.ok else EXIT_SOME_FAILED
+
+
+def add_cpu_engine_options(p: argparse.ArgumentParser) -> None:
+    """``--engine`` and ``--precision`` for a bundle's ONNX towers on the CPU (Encoder's options)."""
+    p.add_argument(
+        "--engine",
+        choices=ENGINE_CHOICES,
+        default="auto",
+        help=f"what runs an .onnx bundle on the CPU (default auto: {AUTO_ENGINE_RULE})",
+    )
+    p.add_argument(
+        "--precision",
+        choices=CPU_PRECISIONS,
+        help="a bundle's arithmetic on the CPU: fp32 (the default for fp32 bundles: exact with open_clip) "
+        "or bf16 (OpenVINO, CPUs with native bf16: about 2x faster, checked against fp32 at load)",
+    )
 
 
 def _add_job_options(p: argparse.ArgumentParser) -> None:
@@ -205,6 +235,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
         "-m", "--model", required=True, help="exported bundle: MODEL.plan, MODEL.onnx or MODEL.json"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    add_cpu_engine_options(p)
     p.add_argument("--batch", type=int, metavar="N", help="images per engine batch (default: the engine's)")
     p.add_argument("--workers", type=int, metavar="N", help="decoding threads (default: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line stays)")

@@ -365,8 +365,8 @@ class Encoder:
     def __enter__(self) -> Encoder:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close(cancel=exc_type is not None)  # leaving on an error: the work in flight is abandoned
 
     def __repr__(self) -> str:
         return (

@@ -45,6 +45,7 @@ ONNXRUNTIME = "onnxruntime"
 OPENVINO = "openvino"
 CPU_ENGINES = (ONNXRUNTIME, OPENVINO)
 ENGINE_CHOICES = ("auto", *CPU_ENGINES)
+AUTO_ENGINE_RULE = "OpenVINO for fp32 bundles where it is installed on an x86-64 CPU, else ONNX Runtime"
 # The arithmetic an fp32 bundle runs in on the CPU (Encoder's ``precision=``): fp32 is exact with
 # open_clip; bf16 (OpenVINO, on CPUs with native bf16 only) is checked against fp32 at load.
 CPU_PRECISIONS = ("fp32", "bf16")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import metadata
+from ..engines import AUTO_ENGINE_RULE, CPU_PRECISIONS, ENGINE_CHOICES
 from .settings import (
     DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
@@ -39,15 +40,17 @@ DEFAULT_PORT = 8000
 EXIT_ERROR = 1  # the server could not start, or the model could not be loaded
 EXIT_USAGE = 2
 BUNDLE_SUFFIXES = (metadata.PLAN_SUFFIX, metadata.ONNX_SUFFIX, metadata.SIDECAR_SUFFIX)
+PRECISIONS = (*metadata.PRECISIONS, *(p for p in CPU_PRECISIONS if p not in metadata.PRECISIONS))
 
 
 def encoder_loader(args: argparse.Namespace) -> Callable[[], Encoder]:
     """What ``-m MODEL`` and its options mean, as a function that loads the Encoder (called later,
     in the server's loading thread). The one place that maps the command line to an Encoder:
 
-    - an exported bundle (``.plan``, ``.onnx`` or the ``.json`` sidecar): ``Encoder(path)``;
+    - an exported bundle (``.plan``, ``.onnx`` or the ``.json`` sidecar): ``Encoder(path)``, with
+      ``--engine`` and ``--precision`` (fp32 or bf16) for its ONNX towers on the CPU;
     - an open_clip model name with ``--pretrained TAG``, ``--weights FILE`` or ``--random-weights``:
-      ``Encoder.from_open_clip`` (the open_clip model in PyTorch).
+      ``Encoder.from_open_clip`` (the open_clip model in PyTorch, ``--precision`` fp32 or fp16).
 
     Raises ValueError at once for a combination that cannot work."""
     from ..encoder import Encoder
@@ -55,6 +58,13 @@ def encoder_loader(args: argparse.Namespace) -> Callable[[], Encoder]:
     given = {"max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms, "threads": args.threads}
     options: dict[str, Any] = {"device": args.device, **{k: v for k, v in given.items() if v is not None}}
     if args.pretrained or args.weights or args.random_weights:
+        if args.engine != "auto":
+            raise ValueError("--engine chooses what runs an .onnx bundle; open_clip models run in PyTorch")
+        if args.precision not in (None, *metadata.PRECISIONS):
+            raise ValueError(
+                f"--precision {args.precision} runs an fp32 .onnx bundle on the CPU; open_clip models run "
+                f"in {' or '.join(metadata.PRECISIONS)}"
+            )
         return lambda: Encoder.from_open_clip(
             args.model,
             pretrained=args.pretrained,
@@ -71,9 +81,12 @@ def encoder_loader(args: argparse.Namespace) -> Callable[[], Encoder]:
         )
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
-    if args.precision is not None:
-        raise ValueError("--precision applies to open_clip models; a bundle's precision is fixed at export")
-    return lambda: Encoder(path, **options)
+    if args.precision not in (None, *CPU_PRECISIONS):
+        raise ValueError(
+            f"--precision {args.precision} applies to open_clip models; a bundle runs as exported, or in "
+            f"{' or '.join(CPU_PRECISIONS)} on the CPU"
+        )
+    return lambda: Encoder(path, engine=args.engine, precision=args.precision, **options)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -143,7 +156,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--random-weights", action="store_true", help="random weights: meaningless embeddings, for tests only"
     )
     p.add_argument(
-        "--precision", choices=metadata.PRECISIONS, help="open_clip models: fp32 (default) or fp16 (GPU)"
+        "--precision",
+        choices=PRECISIONS,
+        help="open_clip models: fp32 (default) or fp16 (GPU); .onnx bundles on the CPU: fp32 (exact) or bf16 "
+        "(OpenVINO, CPUs with native bf16, checked against fp32 at load)",
     )
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     p.add_argument(
@@ -195,6 +211,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"on SIGTERM, seconds in-flight requests get to finish (default {DEFAULT_DRAIN_TIMEOUT_S:g})",
     )
     engine = p.add_argument_group("engine")
+    engine.add_argument(
+        "--engine",
+        choices=ENGINE_CHOICES,
+        default="auto",
+        help=f"what runs an .onnx bundle on the CPU (default auto: {AUTO_ENGINE_RULE})",
+    )
     engine.add_argument(
         "--max-batch", type=int, metavar="N", help="images per engine batch (default: the engine's)"
     )
