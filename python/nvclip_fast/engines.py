@@ -183,12 +183,14 @@ class OnnxEngine(_C.Engine):
         # threads. Measured (benchmarks/bench_embed.py, ViT-S-32, 2 cores, 2 slots): 60 -> 68 img/s.
         self._cpu_run_lock = threading.Lock()
 
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """The tower's output for one batch ``x`` (on the CPU), outside any queue."""
+        with self._cpu_run_lock:
+            return self._session.run([self._output], {self._input: x})[0]
+
     def enqueue(self, batch: int, inputs: dict[str, Any], outputs: dict[str, Any], stream: int) -> None:
         if self.info.device == "cpu":
-            with self._cpu_run_lock:
-                outputs[self._output][...] = self._session.run(
-                    [self._output], {self._input: inputs[self._input]}
-                )[0]
+            outputs[self._output][...] = self.run(inputs[self._input])
             return
         # CUDA provider: ONNX Runtime works on its own stream, so wait for the slot's stream first
         # (preprocessing wrote the input there); run_with_iobinding returns after its own work.
@@ -410,7 +412,7 @@ def bf16_check_images() -> list[np.ndarray]:
     return [(255 * a).round().astype(np.uint8) for a in (gradient, waves, blocks, noise)]
 
 
-def _run_rows(engine: OpenVinoEngine, x: np.ndarray) -> np.ndarray:
+def _run_rows(engine: OnnxEngine | OpenVinoEngine, x: np.ndarray) -> np.ndarray:
     """``engine``'s output for every row of ``x``, in batches its profile takes (a short last
     batch padded with its last row where the batch is fixed)."""
     smallest, _, largest = engine.info.batch
