@@ -12,9 +12,9 @@ Two groups per model:
   (open_clip's own bf16: the fair peer for ours).
 - ``cpu engines MODEL model only``: the same preprocessed batches through each engine alone.
 
-ViT-S-32 and ViT-B-32 on 64 photos in batches of 32; ViT-L-14 (slow) on 8 in one batch; random
+ViT-S-32 and ViT-B-32 on 64 photos in batches of 32; ViT-L-14 (slow) on 4 in one batch; random
 weights (the speed does not depend on them), T = all cores. Before any timing every Encoder's rows
-are checked against open_clip fp32 (fp32 cosine >= 0.99999, bf16 >= 0.999); each row's
+are checked against open_clip fp32 (fp32 cosine >= 0.99999, bf16 >= 0.999); each of their rows'
 ``min_cos_vs_open_clip_fp32`` says how close it came. Targets: the exact path (fp32 on the engine
 ``engine="auto"`` picks here) >= 1.2x open_clip fp32 end to end; bf16 >= 1.8x open_clip fp32 and
 ahead of open_clip's bf16 autocast. OpenVINO fp32 / ONNX Runtime fp32 (alone and end to end) is the
@@ -61,7 +61,8 @@ class Workload:
 WORKLOADS = {
     "ViT-S-32": Workload(images=64, batch=32, rounds=5),
     "ViT-B-32": Workload(images=64, batch=32, rounds=3),
-    "ViT-L-14": Workload(images=8, batch=8, rounds=2),  # 81 GFLOP an image: a few images only
+    # 81 GFLOP an image, and open_clip's bf16 autocast takes ~10 s an image here: a few images only.
+    "ViT-L-14": Workload(images=4, batch=4, rounds=1),
 }
 MODELS = ["ViT-S-32", "ViT-B-32", pytest.param("ViT-L-14", marks=pytest.mark.slow)]
 
@@ -180,23 +181,23 @@ def side_by_side(request, tmp_path_factory):
     for run, (engine, precision) in RUNS.items():
         if unavailable(run):
             continue
-        if engine == OPEN_CLIP:
+        if engine == OPEN_CLIP:  # the reference itself, and open_clip's own bf16 (not our claim)
             e2e = (lambda p: lambda: open_clip_files(p))(precision)
             alone = (lambda p: lambda: open_clip_model(p))(precision)
-            cos = cosines(open_clip_files(precision), reference).min()
+            cos = 1.0 if precision == "fp32" else None
         else:
             encoder = nf.Encoder(
                 onnx, device="cpu", engine=engine, precision=precision, threads=threads, max_batch=work.batch
             )
             encoders.append(encoder)
             assert (encoder.engine, encoder.precision) == (engine, precision)
-            cos = cosines(encoder.embed(paths), reference).min()
+            cos = round(float(cosines(encoder.embed(paths), reference).min()), 7)
             bar = MIN_COS_BF16 if precision == "bf16" else MIN_COS_FP32
             assert cos >= bar, f"{name} {run}: ours and open_clip disagree: min cosine {cos}"
             tower = encoder._towers.image  # the Encoder's own engine, run alone (no second copy)
             e2e = (lambda enc: lambda: enc.embed(paths))(encoder)
             alone = (lambda t: lambda: [t.run(b) for b in batches])(tower)
-        runs[run] = {END_TO_END: e2e, MODEL_ONLY: alone, "min_cos": round(float(cos), 7)}
+        runs[run] = {END_TO_END: e2e, MODEL_ONLY: alone, "min_cos": cos}
     yield {"name": name, "work": work, "threads": threads, "runs": runs}
     for encoder in encoders:
         encoder.close()

@@ -286,6 +286,18 @@ def test_cli_embed_engine_and_precision(tiny, tmp_path, capsys, engine, precisio
     assert cosines(np.load(out), open_clip_image_embeds(model, images)).min() >= min_cos
 
 
+@needs_openvino
+def test_cli_classify_says_what_ran(tiny, tmp_path, capsys):
+    _, onnx_path = tiny
+    image = tmp_path / "a.png"
+    Image.fromarray(random_images(1, seed=6)[0]).save(image)
+    argv = ["classify", str(image), "-m", str(onnx_path), "--labels", "cat,dog", "--no-progress"]
+    assert cli.main([*argv, "--device", "cpu", "--engine", "openvino"]) == cli.EXIT_OK
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{image}\t")
+    assert "[openvino fp32 on cpu]" in err
+
+
 def test_cli_refusals_exit_2(tiny, tmp_path, capsys):
     _, onnx_path = tiny
     out = tmp_path / "e.npy"
