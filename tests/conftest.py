@@ -48,6 +48,43 @@ def tensorrt_skip_reason() -> str | None:
 VITS32_MAX_BATCH = 8
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_bundle_cache(tmp_path_factory):
+    """The tests' bundle cache ($NVCLIP_FAST_CACHE, inherited by the processes they start): never the
+    user's own."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NVCLIP_FAST_CACHE", str(tmp_path_factory.mktemp("nvclip-fast-cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture
+def hf_hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache for one test (the machine's own is not seen)."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    hub = tmp_path / "hf-hub"
+    hub.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    return hub
+
+
+@pytest.fixture
+def bert_in_hf_cache(hf_hub_cache):
+    """A small stand-in for bert-base-uncased (NVCLIP's tokenizer) in this test's Hugging Face cache."""
+    pytest.importorskip("transformers", reason="Hugging Face tokenizers need transformers")
+    import tiny_models
+
+    return tiny_models.bert_tokenizer_in_hf_cache(hf_hub_cache)
+
+
+@pytest.fixture
+def bundle_cache(tmp_path, monkeypatch):
+    """An empty bundle cache for one test ($NVCLIP_FAST_CACHE)."""
+    root = tmp_path / "bundle-cache"
+    monkeypatch.setenv("NVCLIP_FAST_CACHE", str(root))
+    return root
+
+
 @pytest.fixture(scope="session")
 def vits32(tmp_path_factory):
     """ViT-S-32 with random weights saved by torch.save and exported once through the CLI (ONNX,
@@ -81,3 +118,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=f"gpu: {reason}"))
         if item.get_closest_marker("tensorrt") and (reason := tensorrt_skip_reason()):
             item.add_marker(pytest.mark.skip(reason=f"tensorrt: {reason}"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_bundles(tmp_path_factory):
+    """Two exports of tiny-clip (ONNX, fp32) with other random weights: the same architecture, two
+    models (their weights' sha256 differ). (path of a.onnx, path of b.onnx)."""
+    import tiny_models
+
+    tmp = tmp_path_factory.mktemp("tiny_clip")
+    bundles = []
+    for name, seed in (("a", 4), ("b", 5)):
+        checkpoint = tiny_models.save_checkpoint(
+            tiny_models.random_model("tiny-clip", seed=seed), tmp / f"{name}.pt"
+        )
+        nvclip_fast.export("tiny-clip", tmp / f"{name}.onnx", weights=checkpoint, max_batch=8, quiet=True)
+        bundles.append(tmp / f"{name}.onnx")
+    return tuple(bundles)

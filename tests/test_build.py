@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import nvclip_fast
-from nvclip_fast import _C
+from nvclip_fast import _C, cli
 
 EXPECTED_KEYS = {"cuda", "cuda_version", "cuda_archs", "tensorrt", "tensorrt_version", "compiler", "cpu_simd"}
 
@@ -59,9 +59,51 @@ def test_cuda_query_never_raises():
     ).stdout.splitlines()
     assert out[0] == "0"
     if nvclip_fast.build_info()["cuda"]:
-        assert out[1].startswith("no usable CUDA device: cuda"), out
+        # A GPU hidden: "no NVIDIA GPU was found (CUDA_VISIBLE_DEVICES="")"; no driver at all (CI):
+        # "no NVIDIA driver was found", never CUDA's "driver version is insufficient".
+        assert out[1].startswith(("no NVIDIA GPU was found", "no NVIDIA driver was found")), out
+        assert "insufficient" not in out[1]
     else:
         assert "built without CUDA" in out[1]
+
+
+@pytest.mark.parametrize(
+    ("probe", "reason"),
+    [
+        (
+            {
+                "insufficient_driver": True,
+                "error_name": "cudaErrorInsufficientDriver",
+                "runtime_version": 13000,
+            },
+            "no NVIDIA driver was found (the CUDA driver library libcuda.so.1 is not installed)",
+        ),
+        (
+            {"insufficient_driver": True, "driver_version": 12020, "runtime_version": 13000},
+            "the NVIDIA driver supports CUDA up to 12.2, older than the CUDA 13.0 runtime of this build: "
+            "update the NVIDIA driver",
+        ),
+        ({"no_device": True, "error_name": "cudaErrorNoDevice"}, "no NVIDIA GPU was found"),
+        ({"no_device": True, "visible_devices": ""}, 'no NVIDIA GPU was found (CUDA_VISIBLE_DEVICES="")'),
+        (
+            {"error_name": "cudaErrorSystemNotReady", "error_message": "system not yet initialized"},
+            "no usable CUDA device: cudaErrorSystemNotReady (system not yet initialized)",
+        ),
+        ({"device_count": 1}, ""),
+    ],
+)
+def test_cuda_unavailable_reason_wording(probe, reason):
+    """What `info`, the test skips and device='cuda' say for each thing the CUDA runtime reports."""
+    assert _C._testing.describe_cuda_unavailable(**probe) == reason
+
+
+def test_info_says_why_there_is_no_gpu(capsys):
+    assert cli.main(["info"]) == cli.EXIT_OK
+    info = json.loads(capsys.readouterr().out)
+    assert info["cache"]
+    if info["cuda_devices"] == 0:
+        assert info["cuda_unavailable"] == _C.cuda_unavailable_reason()
+        assert "insufficient" not in info["cuda_unavailable"]
 
 
 # --- the TensorRT runtime library, found as `pip install tensorrt` lays it out ---------------------------

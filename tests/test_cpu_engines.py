@@ -268,6 +268,43 @@ def test_bf16_check_images_are_built_in_and_varied():
         assert a.std() > 20  # not a flat image
 
 
+@needs_openvino
+def test_threads_reach_openvino(tiny):
+    with nf.Encoder(tiny[1], device="cpu", engine="openvino", threads=1) as enc:
+        assert enc._towers.image._compiled.get_property("INFERENCE_NUM_THREADS") == 1
+
+
+# --- how to open the same model again --------------------------------------------------------------
+
+
+@needs_bf16
+def test_bf16_is_in_the_source_and_reopens_in_bf16(tiny):
+    from nvclip_fast.collection import open_encoder
+
+    with nf.Encoder(tiny[1], device="cpu", precision="bf16") as enc:
+        assert enc.source == {"bundle": str(tiny[1].with_suffix(".json").resolve()), "precision": "bf16"}
+        with open_encoder(enc.source, device="cpu") as again:
+            assert (again.engine, again.precision) == ("openvino", "bf16")
+    with nf.Encoder(tiny[1], device="cpu") as exact:
+        assert "precision" not in exact.source  # as exported
+
+
+@needs_bf16
+@pytest.mark.filterwarnings("ignore::nvclip_fast.metadata.RandomWeightsWarning")
+def test_from_pretrained_bf16_and_engine():
+    kwargs = {"random_weights": True, "device": "cpu", "progress": False}
+    with nf.Encoder.from_pretrained("tiny-clip", precision="bf16", **kwargs) as enc:
+        assert (enc.engine, enc.precision) == ("openvino", "bf16")
+        assert enc.source["precision"] == "bf16"  # reopened by from_pretrained(**source): bf16 again
+        bf16 = enc.embed(random_images(3, seed=9))
+    with nf.Encoder.from_pretrained("tiny-clip", engine="onnxruntime", **kwargs) as enc:
+        assert (enc.engine, enc.precision) == ("onnxruntime", "fp32")
+        assert enc.source["precision"] == "fp32"
+        assert cosines(bf16, enc.embed(random_images(3, seed=9))).min() >= MIN_COS_BF16  # one fp32 bundle
+    with pytest.raises(ValueError, match="run on the CPU"):
+        nf.Encoder.from_pretrained("tiny-clip", precision="bf16", random_weights=True, device="cuda")
+
+
 # --- the command line ------------------------------------------------------------------------------
 
 
@@ -282,7 +319,7 @@ def test_cli_embed_engine_and_precision(tiny, tmp_path, capsys, engine, precisio
     out = tmp_path / "e.npy"
     argv = ["embed", *map(str, paths), "-m", str(onnx_path), "-o", str(out), "--no-progress"]
     assert cli.main([*argv, "--device", "cpu", "--engine", engine, "--precision", precision]) == cli.EXIT_OK
-    assert f"[{engine} {precision} on cpu]" in capsys.readouterr().err
+    assert f"on {engine} {precision}, cpu)" in capsys.readouterr().err  # the summary says what ran
     assert cosines(np.load(out), open_clip_image_embeds(model, images)).min() >= min_cos
 
 
@@ -295,7 +332,7 @@ def test_cli_classify_says_what_ran(tiny, tmp_path, capsys):
     assert cli.main([*argv, "--device", "cpu", "--engine", "openvino"]) == cli.EXIT_OK
     out, err = capsys.readouterr()
     assert out.startswith(f"{image}\t")
-    assert "[openvino fp32 on cpu]" in err
+    assert "on openvino fp32, cpu)" in err
 
 
 def test_cli_refusals_exit_2(tiny, tmp_path, capsys):
@@ -304,5 +341,7 @@ def test_cli_refusals_exit_2(tiny, tmp_path, capsys):
     argv = ["embed", str(tmp_path), "-m", str(onnx_path), "-o", str(out), "--no-progress"]
     assert cli.main([*argv, "--engine", "onnxruntime", "--precision", "bf16"]) == cli.EXIT_USAGE
     assert "no bf16 arithmetic" in capsys.readouterr().err
+    assert cli.main([*argv, "--precision", "fp16"]) == cli.EXIT_USAGE  # a bundle's is fixed at export
+    assert "--precision fp16 and --image-size go with a model name" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: not a choice
-        cli.main([*argv, "--precision", "fp16"])
+        cli.main([*argv, "--engine", "tensorrt"])

@@ -27,6 +27,8 @@ onnx = pytest.importorskip("onnx")
 import fake_tensorrt  # noqa: E402
 import tiny_models  # noqa: E402
 from nvclip_fast import cli, exporter, metadata, models, trt_build  # noqa: E402
+from nvclip_fast.bundle import locate_bundle  # noqa: E402
+from nvclip_fast.tokenizer import load_tokenizer  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 BATCHES = (1, 3, 7)
@@ -164,7 +166,7 @@ def fp16_islands_are_fp32(path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_tiny_families_match_open_clip(tmp_path, name, precision):
+def test_tiny_families_match_open_clip(tmp_path, name, precision, bert_in_hf_cache):
     checkpoint = tiny_models.save_checkpoint(tiny_models.random_model(name, seed=7), tmp_path / f"{name}.pt")
     out = tmp_path / "bundle" / "m.onnx"
     meta = exporter.export(
@@ -183,10 +185,12 @@ def test_tiny_families_match_open_clip(tmp_path, name, precision):
         assert meta.tokenizer.kind == "hf"
         assert (meta.tokenizer.name, meta.tokenizer.strip_sep_token) == ("bert-base-uncased", True)
         assert meta.logit_bias == pytest.approx(float(ref.logit_bias.detach()))
-        available = models.load_model(name, weights=checkpoint).open_clip_tokenizer()[0] is not None
-        assert (meta.tokenizer.files is not None) == available
-        if available:
-            assert meta.path(meta.tokenizer.files).is_dir()
+        # The tokenizer came from the local Hugging Face cache and is in the bundle now: the same ids
+        # as open_clip's, offline.
+        assert meta.path(meta.tokenizer.files).is_dir()
+        reference = open_clip.get_tokenizer(name, context_length=meta.context_length, local_files_only=True)
+        ours = load_tokenizer(meta.tokenizer, meta.directory)
+        np.testing.assert_array_equal(ours(PROMPTS), reference(PROMPTS).numpy())
 
 
 @pytest.mark.slow
@@ -232,6 +236,36 @@ def test_image_only_bundle(tmp_path):
 
 
 # --- the gate fails when it should -----------------------------------------------------------------------
+
+
+def test_missing_hf_tokenizer_fails_before_loading_weights(tmp_path, hf_hub_cache, monkeypatch, capsys):
+    """NVCLIP's bert-base-uncased not in the local Hugging Face cache: the export stops at once, saying
+    how to get it or to do without the text tower, before any weights are read or files written."""
+    read = []
+    monkeypatch.setattr(models, "read_checkpoint", lambda path: read.append(path))
+    out = tmp_path / "bundle" / "nv.onnx"
+    with pytest.raises(models.TokenizerUnavailableError, match="bert-base-uncased") as info:
+        exporter.export("tiny-nvclip", out, weights=tmp_path / "any.pt")
+    message = str(info.value)
+    assert "not in the local Hugging Face cache" in message
+    assert str(hf_hub_cache) in message
+    assert "AutoTokenizer.from_pretrained('bert-base-uncased')" in message
+    assert "--no-text" in message
+    assert read == []
+    assert not out.parent.exists()
+    argv = ["export", "tiny-nvclip", "-o", str(out), "--weights", str(tmp_path / "any.pt")]
+    assert cli.main(argv) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "--no-text" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::nvclip_fast.models.RandomWeightsWarning")
+def test_without_tokenizer_no_text_exports_the_image_tower(tmp_path, hf_hub_cache):
+    meta = exporter.export("tiny-nvclip", tmp_path / "nv.onnx", random_weights=True, text=False, quiet=True)
+    assert sorted(meta.towers) == ["image"]
+    assert meta.tokenizer is None
 
 
 @pytest.mark.slow
@@ -364,6 +398,16 @@ def test_no_tensorrt_keeps_onnx_and_prints_trtexec(tmp_path):
     # Progress went to stderr with stages, times and sizes; stdout holds only the commands.
     assert "export image tower -> m.onnx" in proc.stderr
     assert "MiB m.onnx.data" in proc.stderr
+    # The next step: the ONNX towers here, or the plans built elsewhere.
+    assert f"nvclip-fast embed PHOTOS -m {out.with_suffix('')};" in proc.stderr
+    assert f"then: nvclip-fast embed PHOTOS -m {out}" in proc.stderr
+    # Naming the plan that was not built says what the bundle has and how to go on.
+    with pytest.raises(
+        FileNotFoundError, match=r"m\.plan: no such file\. Bundle m has no TensorRT plan"
+    ) as info:
+        locate_bundle(out)
+    assert f"-m {out.with_suffix('')} (the best engine on this machine)" in str(info.value)
+    assert shlex.join(commands[0]) in str(info.value)
 
 
 # --- TensorRT ---------------------------------------------------------------------------------------------

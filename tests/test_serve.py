@@ -752,7 +752,7 @@ def _args(**given) -> argparse.Namespace:
 
 def test_encoder_loader_maps_the_command_line(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(nf.Encoder, "from_open_clip", classmethod(lambda cls, *a, **k: calls.append((a, k))))
+    monkeypatch.setattr(nf.Encoder, "from_pretrained", classmethod(lambda cls, *a, **k: calls.append((a, k))))
     monkeypatch.setattr(nf.Encoder, "__init__", lambda self, *a, **k: calls.append((a, k)))
     server.encoder_loader(_args(model="ViT-B-32", weights="w.pt", precision="fp16", max_batch=16))()
     assert calls[-1] == (
@@ -761,27 +761,30 @@ def test_encoder_loader_maps_the_command_line(monkeypatch, tmp_path):
             "pretrained": None,
             "weights": "w.pt",
             "random_weights": False,
+            "image_size": None,
             "precision": "fp16",
+            "text": None,  # the text tower where its tokenizer can be had: a server may serve images only
+            "progress": None,
             "device": "cpu",
             "max_batch": 16,
         },
     )
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"")
-    server.encoder_loader(_args(model=str(onnx), threads=2))()
-    assert calls[-1] == ((onnx,), {"device": "cpu", "threads": 2, "engine": "auto", "precision": None})
-    with pytest.raises(ValueError, match="not an exported bundle"):
+    server.encoder_loader(_args(model=str(onnx), threads=2, max_delay_ms=5.0))()
+    assert calls[-1] == ((str(onnx),), {"device": "cpu", "threads": 2, "max_delay_ms": 5.0})
+    server.encoder_loader(_args(model=str(tmp_path / "m")))()  # the bundle by its stem
+    assert calls[-1] == ((str(tmp_path / "m"),), {"device": "cpu"})
+    with pytest.raises(FileNotFoundError, match="--pretrained TAG, --weights FILE or --random-weights"):
         server.encoder_loader(_args(model="ViT-B-32"))
-    with pytest.raises(ValueError, match="no such file"):
+    with pytest.raises(FileNotFoundError, match="no such file"):
         server.encoder_loader(_args(model=str(tmp_path / "missing.plan")))
     server.encoder_loader(_args(model=str(onnx), engine="openvino", precision="bf16"))()
-    assert calls[-1] == ((onnx,), {"device": "cpu", "engine": "openvino", "precision": "bf16"})
-    with pytest.raises(ValueError, match="--precision fp16 applies to open_clip models"):
+    assert calls[-1] == ((str(onnx),), {"device": "cpu", "engine": "openvino", "precision": "bf16"})
+    with pytest.raises(ValueError, match="--precision fp16 and --image-size go with a model name"):
         server.encoder_loader(_args(model=str(onnx), precision="fp16"))
-    with pytest.raises(ValueError, match=r"--precision bf16 runs an fp32 \.onnx bundle on the CPU"):
-        server.encoder_loader(_args(model="ViT-B-32", weights="w.pt", precision="bf16"))
-    with pytest.raises(ValueError, match=r"--engine chooses what runs an \.onnx bundle"):
-        server.encoder_loader(_args(model="ViT-B-32", weights="w.pt", engine="openvino"))
+    with pytest.raises(ValueError, match="is a bundle file"):
+        server.encoder_loader(_args(model=str(onnx), random_weights=True))
 
 
 def test_serve_usage_errors_exit_2(capsys, tmp_path):

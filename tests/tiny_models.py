@@ -11,6 +11,8 @@ CLIPA ones keep the 49408-token CLIP BPE vocabulary so text parity can use open_
 from __future__ import annotations
 
 import copy
+import json
+import string
 from pathlib import Path
 
 import open_clip
@@ -57,3 +59,30 @@ def random_model(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
 def save_checkpoint(model: torch.nn.Module, path: Path) -> Path:
     torch.save(model.state_dict(), path)
     return path
+
+
+# A small BERT WordPiece vocabulary (the specials, a few words, every lowercase letter and digit as a
+# word and as a continuation) standing in for bert-base-uncased, NVCLIP's tokenizer: no hub here.
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+BERT_WORDS = ["a", "photo", "of", "cat", "dog", "the", "diagram", "with", "arrows"]
+HF_REVISION = "0" * 40
+
+
+def bert_tokenizer_in_hf_cache(hub: Path, name: str = "bert-base-uncased") -> Path:
+    """Save the small BERT tokenizer where the Hugging Face cache ``hub`` (HF_HUB_CACHE) keeps
+    ``name``, laid out as a download leaves it (refs/main -> snapshots/<revision>/, with the model's
+    config.json, which AutoTokenizer reads too). Returns the snapshot folder."""
+    import transformers
+
+    snapshot = hub / f"models--{name.replace('/', '--')}" / "snapshots" / HF_REVISION
+    snapshot.mkdir(parents=True)
+    pieces = sorted(set(string.ascii_lowercase + string.digits))
+    vocab = BERT_SPECIALS + [w for w in BERT_WORDS if w not in pieces] + pieces + ["##" + c for c in pieces]
+    (snapshot / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(snapshot / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(snapshot)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "bert"}), encoding="utf-8")
+    refs = snapshot.parent.parent / "refs"
+    refs.mkdir()
+    (refs / "main").write_text(HF_REVISION, encoding="utf-8")
+    return snapshot

@@ -6,10 +6,12 @@ from typing import TYPE_CHECKING, Any
 
 from . import _C
 from ._C import EngineError
+from .collection import Collection
 from .embed_files import classify_files, embed_files
 from .encoder import Encoder, ItemError
 from .images import decode_image
 from .preprocess import PreprocessSpec, preprocess
+from .probe import LinearProbe
 
 if TYPE_CHECKING:
     from .exporter import export
@@ -17,9 +19,11 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "Collection",
     "Encoder",
     "EngineError",
     "ItemError",
+    "LinearProbe",
     "PreprocessSpec",
     "__version__",
     "build_info",

@@ -17,10 +17,11 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .collection import encoder_provenance
 from .encoder import Encoder, top_labels
 from .outputs import (
     Checkpoint,
@@ -35,6 +36,9 @@ from .outputs import (
 )
 from .pipeline import Item
 from .sources import Source, iter_sources
+
+if TYPE_CHECKING:
+    from .probe import LinearProbe
 
 DTYPES = ("float32", "float16")
 CHECKPOINT_ROWS = 4096  # rows per checkpoint chunk (OUT.inprogress/): what an interruption can lose
@@ -309,7 +313,7 @@ class Prediction:
 def classify_files(
     inputs: Iterable[str | os.PathLike[str]],
     model: str | os.PathLike[str] | Encoder,
-    labels: Sequence[str],
+    labels: Sequence[str] | None,
     *,
     templates: Sequence[str] | None = None,
     top_k: int = 5,
@@ -317,15 +321,24 @@ def classify_files(
     batch: int | None = None,
     workers: int | None = None,
     progress: bool | None = None,
+    probe: LinearProbe | None = None,
 ) -> tuple[list[Prediction], Summary]:
-    """Zero-shot top-k labels for every image named by ``inputs`` (see :meth:`Encoder.classify`)."""
+    """Zero-shot top-k labels for every image named by ``inputs`` (see :meth:`Encoder.classify`);
+    with ``probe`` (and ``labels`` None), the probe's classes and probabilities instead (a probe
+    trained on another model's embeddings is refused)."""
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     start = time.monotonic()
     sources, duplicates = _dedupe(iter_sources(inputs))
     predictions = []
     with _opened(model, device, batch) as encoder:
-        text = encoder.label_embeddings(labels, templates)
+        if probe is None:
+            text = encoder.label_embeddings(labels, templates)
+            probabilities = lambda row: encoder.label_probabilities(row[None, :], text)[0]  # noqa: E731
+        else:
+            labels, made_by = probe.classes, encoder_provenance(encoder)
+            probe.check(made_by)
+            probabilities = lambda row: probe.predict_proba(row, provenance=made_by)[0]  # noqa: E731
         items = encoder._stream(
             sources, load=_read, batch=batch or encoder.max_batch, workers=_workers(workers)
         )
@@ -335,8 +348,7 @@ def classify_files(
                 if item.row is None:
                     predictions.append(Prediction(source.id, [], [], item.error))
                 else:
-                    probs = encoder.label_probabilities(item.row[None, :], text)[0]
-                    ranked = top_labels(probs, labels, top_k)
+                    ranked = top_labels(probabilities(item.row), labels, top_k)
                     predictions.append(
                         Prediction(source.id, [label for label, _ in ranked], [p for _, p in ranked])
                     )

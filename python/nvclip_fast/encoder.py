@@ -10,6 +10,8 @@ synchronously.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -18,9 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from . import _C, metadata
+from . import _C, cache, metadata, trt_library
 from ._C import EngineError
-from .bundle import Towers, load_bundle, load_open_clip
+from .bundle import (
+    Towers,
+    check_cuda,
+    cpu_only,
+    load_bundle,
+    load_open_clip,
+    parse_device,
+    tensorrt_unavailable_reason,
+)
 from .images import as_image_list
 from .metadata import PreprocessSpec
 from .pipeline import ImagePipeline, Item, ItemError, Merge, QueueOptions, l2_normalize
@@ -31,6 +41,8 @@ OUTPUTS = ("numpy", "torch")
 DEFAULT_TEMPLATE = "a photo of a {}."
 # Zero-shot logits scale when the bundle has no sidecar: CLIP's learned temperature ends at its cap, 100.
 DEFAULT_LOGIT_SCALE = 100.0
+
+log = logging.getLogger(__name__)
 
 
 def top_labels(probs: np.ndarray, labels: Sequence[str], top_k: int) -> list[tuple[str, float]]:
@@ -46,9 +58,11 @@ def top_labels(probs: np.ndarray, labels: Sequence[str], top_k: int) -> list[tup
 class Encoder:
     """CLIP embeddings of images and text.
 
-    ``Encoder("vith.plan")`` runs a TensorRT plan on the GPU; ``Encoder("vith.onnx", device="cpu")``
-    the ONNX towers on the CPU (OpenVINO or ONNX Runtime); ``Encoder.from_open_clip(...)`` the
-    open_clip model in PyTorch. The sidecar (``vith.json``) is found by stem; without one the input
+    ``Encoder.from_pretrained("ViT-B-32", pretrained="laion2b_s34b_b79k")`` exports a model once
+    into the bundle cache and runs it on the best engine of the device; ``Encoder("vith")`` runs an
+    exported bundle (named by its stem or any of its files: ``vith.plan`` asks for TensorRT,
+    ``vith.onnx`` for ONNX Runtime, the stem or ``vith.json`` for the best engine here);
+    ``Encoder.from_open_clip(...)`` runs the open_clip model in PyTorch. Without a sidecar the input
     size is read from the engine and open_clip's default preprocessing is used, with a warning.
 
     On the CPU, ``engine`` chooses what runs an ONNX bundle: ``"auto"`` OpenVINO for fp32 bundles
@@ -77,6 +91,85 @@ class Encoder:
         settings = QueueOptions(**options)
         towers = load_bundle(Path(path), device, settings.threads, engine=engine, precision=precision)
         self._start(towers, settings)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        *,
+        pretrained: str | None = None,
+        weights: str | os.PathLike[str] | None = None,
+        random_weights: bool = False,
+        image_size: int | None = None,
+        precision: str = "fp32",
+        engine: str = "auto",
+        device: str = "auto",
+        text: bool | None = True,
+        progress: bool | None = None,
+        **options: Any,
+    ) -> Encoder:
+        """An open_clip or NVCLIP model by name, exported once into the bundle cache
+        (:mod:`nvclip_fast.cache`) and run on the best engine of ``device``: a TensorRT plan where
+        the device is a GPU and TensorRT loads (built here the first time: TensorRT's builder is
+        needed then); else the ONNX towers under ONNX Runtime, with its CUDA provider on a GPU where
+        onnxruntime-gpu has one; on a GPU with neither, the open_clip model in PyTorch (not cached);
+        else ONNX Runtime on the CPU.
+
+        Exactly one of ``pretrained`` (an open_clip tag, downloaded once), ``weights`` (a checkpoint
+        file) or ``random_weights`` (seeded: the same meaningless weights every time; tests only).
+        ``text``: True needs the text tower (an error before any export when its tokenizer cannot be
+        had from local files), False exports the image tower only, None includes it where it can.
+        The first call exports (the ``export`` extra: torch, open_clip, onnx; ``progress`` shows its
+        stages, None leaving it to tqdm); later calls load the cached bundle, without torch.
+        ``precision``: "fp32" (exact with open_clip), "fp16" (exported in fp16, for GPUs) or "bf16"
+        (exported in fp32, run in bf16 on the CPU by OpenVINO); ``engine``: what runs the ONNX
+        towers (see the class). ``options`` are the queue settings, as for the constructor."""
+        # bf16 is how an fp32 bundle runs on the CPU; a CPU engine named runs the ONNX towers.
+        run_precision = "bf16" if precision == "bf16" else None
+        exported = "fp32" if run_precision is not None else precision
+        on_cpu = cpu_only(engine, run_precision)
+        common = {
+            "model": model,
+            "pretrained": pretrained,
+            "weights": None if weights is None else os.fspath(weights),
+            "random_weights": random_weights,
+            "image_size": image_size,
+            "precision": exported,
+            "max_batch": max(metadata.DEFAULT_MAX_BATCH, options.get("max_batch") or 0),
+        }
+        cache.Request(**common)  # bad arguments fail here, before any device work
+        kind, index = parse_device(device)
+        if on_cpu and kind == "cuda":
+            raise ValueError(f"engine={engine!r}, precision={precision!r} run on the CPU: use device='cpu'")
+        if kind == "auto":
+            kind = "cuda" if _C.cuda_device_count() > 0 and not on_cpu else "cpu"
+        target: dict[str, Any] = {"engine": "onnx"}
+        if kind == "cuda":
+            check_cuda(index)
+            target = _gpu_target(index, common) if engine == "auto" else target
+            if target["engine"] == "torch":
+                return cls.from_open_clip(
+                    model,
+                    weights=weights,
+                    pretrained=pretrained,
+                    random_weights=random_weights,
+                    image_size=image_size,
+                    device=device,
+                    precision=precision,
+                    **options,
+                )
+        requests = {x: cache.Request(**common, text=x, **target) for x in (True, False)}
+        request = requests[text is not False]
+        if text is None:
+            request = (
+                next((r for r in requests.values() if cache.lookup(r)[0] is not None), None)
+                or (requests[_text_available(model)])
+            )
+        entry, _ = cache.get(request, progress=progress)
+        encoder = cls(entry.bundle, device=device, engine=engine, precision=run_precision, **options)
+        source = request.source if run_precision is None else {**request.source, "precision": run_precision}
+        encoder._towers = dataclasses.replace(encoder._towers, source=source)
+        return encoder
 
     @classmethod
     def from_open_clip(
@@ -171,6 +264,14 @@ class Encoder:
     @property
     def model(self) -> str:
         return self._towers.name
+
+    @property
+    def source(self) -> dict[str, Any] | None:
+        """How to open the same model again: ``{"bundle": "/abs/path/vith.json"}`` for
+        ``Encoder(path)``, or the keyword arguments of ``Encoder.from_pretrained`` (``model``,
+        ``pretrained`` | ``weights`` | ``random_weights``, ...) for a model opened by name; None for
+        engines of your own."""
+        return None if self._towers.source is None else dict(self._towers.source)
 
     @property
     def engine(self) -> str:
@@ -365,11 +466,55 @@ class Encoder:
     def __enter__(self) -> Encoder:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        self.close(cancel=exc_type is not None)  # leaving on an error: the work in flight is abandoned
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # Leaving on an exception (Ctrl-C included), nobody waits for the work in flight: cancel it.
+        self.close(cancel=exc_type is not None)
 
     def __repr__(self) -> str:
         return (
             f"Encoder({self.model!r}, dim={self.dim}, device={self.device!r}, engine={self.engine!r}, "
             f"precision={self.precision!r}, max_batch={self.max_batch}, size={self.spec.size})"
         )
+
+
+def _gpu_target(index: int, common: dict[str, Any]) -> dict[str, Any]:
+    """The engine of a model opened by name (``common``: the cache request's fields) on CUDA device
+    ``index``: a TensorRT entry where a plan can run (cached already, or TensorRT's builder is here
+    to build it), else ONNX with the CUDA provider where onnxruntime-gpu has one, else
+    ``{"engine": "torch"}`` where torch has CUDA, else ONNX (which then says what is missing)."""
+    from .engines import cuda_provider_available
+
+    device = f"cuda:{index}"
+    reason = tensorrt_unavailable_reason(device)
+    if reason is None:
+        gpu = _C.cuda_device(index)
+        plan = {
+            "engine": "tensorrt",
+            "tensorrt": trt_library.load().version,
+            "gpu": f"{gpu['name']} ({gpu['compute_capability']})",
+        }
+        from .trt_build import unavailable_reason
+
+        cached = any(cache.lookup(cache.Request(**common, text=x, **plan))[0] for x in (True, False))
+        if cached or (reason := unavailable_reason()) is None:
+            return plan
+    log.info("%s: no TensorRT plan (%s)", device, reason)
+    if cuda_provider_available():
+        return {"engine": "onnx"}
+    try:
+        import torch
+    except ImportError:
+        return {"engine": "onnx"}
+    return {"engine": "torch"} if torch.cuda.is_available() else {"engine": "onnx"}
+
+
+def _text_available(model: str) -> bool:
+    """Whether the text tower of ``model`` can be exported here (its tokenizer from local files)."""
+    from .models import TokenizerUnavailableError, require_offline_tokenizer
+
+    try:
+        require_offline_tokenizer(model)
+    except TokenizerUnavailableError as e:
+        log.info("%s: exporting the image tower only: %s", model, str(e).split(". ", 1)[0])
+        return False
+    return True

@@ -3,7 +3,9 @@ metadata sidecar and a parity gate.
 
 Stages (each reported on stderr with the elapsed time and file sizes):
 
-1. load the model (``models.load_model``: a checkpoint, a pretrained tag, or random weights);
+1. load the model (``models.load_model``: a checkpoint, a pretrained tag, or seeded random weights),
+   after checking that the text tower's tokenizer can be had from local files (a Hugging Face
+   tokenizer must be in the local Hugging Face cache; ``text=False`` exports the image tower alone);
 2. export each tower with torch's dynamo ONNX exporter: opset 20 (23 would emit ONNX ``Attention``,
    parsed by TensorRT only from 10.14), a dynamic batch axis traced at batch 2 (torch.export fixes
    example dims of size 1), external weights in ``<file>.data`` (ViT-H exceeds protobuf's 2 GB),
@@ -11,7 +13,7 @@ Stages (each reported on stderr with the elapsed time and file sizes):
    LayerNorm in fp32 (``LayerNormFp32``), and the final normalization done in fp32 here;
 3. parity gate: each ONNX under ONNX Runtime vs open_clip's fp32 model on deterministic inputs at
    batch 1, 3 and 7 (min cosine, max |diff|; fail below 0.9999 fp32 / 0.999 fp16);
-4. the sidecar (``metadata``) and the tokenizer files;
+4. the sidecar (``metadata``) and the tokenizer files (so that a bundle never needs the network);
 5. for a ``.plan`` target: TensorRT engines (``trt_build``), the same gate on them, sidecar updated.
 """
 
@@ -180,29 +182,10 @@ def parity_images(preprocess: metadata.PreprocessSpec, batch: int, seed: int = P
     return ((pixels.astype(np.float32) / np.float32(UINT8_LEVELS - 1)) - mean) / std
 
 
-def _vocab_size(model: torch.nn.Module) -> int:
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Embedding) and name.endswith(("token_embedding", "word_embeddings")):
-            return int(module.num_embeddings)
-    raise ExportError(f"cannot find the token embedding of {type(model).__name__}")
-
-
-def parity_token_ids(
-    loaded: models.LoadedModel, batch: int, tokenizer: Any | None, seed: int = PARITY_SEED
-) -> np.ndarray:
-    """open_clip's own token ids for the first ``batch`` parity prompts; where open_clip's tokenizer is
-    not available offline (HF tokenizers), seeded random ids below the vocabulary size, zero padded."""
-    if tokenizer is not None:
-        prompts = [PARITY_PROMPTS[i % len(PARITY_PROMPTS)] for i in range(batch)]
-        return tokenizer(prompts).numpy().astype(np.int64)
-    rng = np.random.default_rng([seed, batch])
-    ctx = loaded.context_length
-    ids = np.zeros((batch, ctx), np.int64)
-    vocab = _vocab_size(loaded.model)
-    for row in ids:
-        n = int(rng.integers(1, ctx + 1))
-        row[:n] = rng.integers(1, vocab, size=n)
-    return ids
+def parity_token_ids(batch: int, tokenizer: Any) -> np.ndarray:
+    """open_clip's own token ids for the first ``batch`` parity prompts."""
+    prompts = [PARITY_PROMPTS[i % len(PARITY_PROMPTS)] for i in range(batch)]
+    return tokenizer(prompts).numpy().astype(np.int64)
 
 
 def _reference(loaded: models.LoadedModel, tower: str, x: np.ndarray) -> np.ndarray:
@@ -269,7 +252,7 @@ def _parity_inputs(
     if "image" in towers:
         arrays["image"] = [parity_images(loaded.preprocess, b) for b in batches]
     if "text" in towers:
-        arrays["text"] = [parity_token_ids(loaded, b, tokenizer) for b in batches]
+        arrays["text"] = [parity_token_ids(b, tokenizer) for b in batches]
     refs = {t: [_reference(loaded, t, x) for x in xs] for t, xs in arrays.items()}
     return _ParityInputs(arrays, refs)
 
@@ -282,7 +265,7 @@ def check_onnx_parity(
     batches: Sequence[int] = PARITY_BATCHES,
 ) -> metadata.Parity:
     """One tower's ONNX under ONNX Runtime vs ``loaded.model`` (open_clip fp32) at ``batches``."""
-    tokenizer = loaded.open_clip_tokenizer()[0] if tower == "text" else None
+    tokenizer = loaded.open_clip_tokenizer() if tower == "text" else None
     inputs = _parity_inputs(loaded, [tower], batches, tokenizer)
     return _onnx_parity(inputs, onnx_path, tower, precision)
 
@@ -320,7 +303,7 @@ def _versions(**extra: str | None) -> dict[str, str | None]:
 
 
 def _bundle_tokenizer(
-    tok_spec: metadata.Tokenizer, tokenizer: Any | None, paths: BundlePaths, progress: Callable[[str], None]
+    tok_spec: metadata.Tokenizer, tokenizer: Any, paths: BundlePaths, progress: Callable[[str], None]
 ) -> metadata.Tokenizer:
     """Put what the tokenizer needs offline into the bundle; returns the spec naming those files."""
     if tok_spec.kind == metadata.CLIP_BPE_KIND:
@@ -329,22 +312,16 @@ def _bundle_tokenizer(
             shutil.copyfile(models.CLIP_BPE_VOCAB, dest)
         progress(f"tokenizer: CLIP BPE vocabulary {_size(dest)}")
         return tok_spec
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        dest = paths.directory / f"{paths.stem}.tokenizer"
-        tokenizer.save_pretrained(str(dest))
-        progress(f"tokenizer: {tok_spec.kind} {tok_spec.name!r} files saved to {dest.name}/")
-        return dataclasses.replace(tok_spec, files=dest.name)
-    progress(
-        f"tokenizer: {tok_spec.kind} {tok_spec.name!r} is not available offline: its files are not in the "
-        "bundle; the runtime must load it by name"
-    )
-    return tok_spec
+    dest = paths.directory / f"{paths.stem}.tokenizer"
+    tokenizer.save_pretrained(str(dest))
+    progress(f"tokenizer: {tok_spec.kind} {tok_spec.name!r} files saved to {dest.name}/")
+    return dataclasses.replace(tok_spec, files=dest.name)
 
 
 def _example(tower: str, loaded: models.LoadedModel, tokenizer: Any | None) -> torch.Tensor:
     if tower == "image":
         return torch.from_numpy(parity_images(loaded.preprocess, EXPORT_EXAMPLE_BATCH))
-    return torch.from_numpy(parity_token_ids(loaded, EXPORT_EXAMPLE_BATCH, tokenizer))
+    return torch.from_numpy(parity_token_ids(EXPORT_EXAMPLE_BATCH, tokenizer))
 
 
 def _export_onnx(
@@ -419,8 +396,10 @@ def export(
     """Export open_clip model ``model`` to the bundle named by ``out`` (``X.onnx`` or ``X.plan``).
 
     Exactly one of ``weights`` (a checkpoint file), ``pretrained`` (an open_clip tag) or
-    ``random_weights`` (tests only) is required. Returns the sidecar as written. Raises
-    ``ParityError`` when ``verify`` and an output misses the gate, and, for a ``.plan`` target where
+    ``random_weights`` (tests only; seeded, so the same weights every time) is required. Returns the
+    sidecar as written. Raises ``models.TokenizerUnavailableError`` before loading the weights when
+    ``text`` and the tokenizer cannot be had from local files, ``ParityError`` when ``verify`` and an
+    output misses the gate, and, for a ``.plan`` target where
     TensorRT cannot build, ``trt_build.TensorRTUnavailableError`` *after* writing the ONNX files and
     the sidecar (its ``commands`` are the equivalent ``trtexec`` lines). ``version_compatible``
     builds plans that later TensorRT versions of the same major and the lean and dispatch runtimes
@@ -443,6 +422,8 @@ def export(
         bar.update()
 
     with bar:
+        if text:  # before the weights are loaded: a missing tokenizer fails at once
+            models.require_offline_tokenizer(model)
         progress(f"load {model} ({_describe_source(weights, pretrained, random_weights)})")
         loaded = models.load_model(
             model,
@@ -453,10 +434,6 @@ def export(
             seed=seed,
             cache_dir=cache_dir,
         )
-        if loaded.weights.source == "random":
-            progress(
-                "WARNING: RANDOM WEIGHTS: these embeddings are meaningless; use this bundle for tests only"
-            )
         progress(
             f"loaded: {loaded.image_size} px, context {loaded.context_length}, {precision}, "
             f"weights {loaded.weights.name}"
@@ -464,7 +441,7 @@ def export(
         paths.directory.mkdir(parents=True, exist_ok=True)
         _remove_stale(paths)
         towers = ["image", "text"] if text else ["image"]
-        tokenizer, why_not = loaded.open_clip_tokenizer() if text else (None, "")
+        tokenizer = loaded.open_clip_tokenizer() if text else None
         profile = metadata.BatchProfile(1, opt_batch, max_batch)
         tower_specs = _export_onnx(loaded, precision, towers, tokenizer, profile, paths, progress)
 
@@ -475,8 +452,6 @@ def export(
             import onnxruntime
 
             versions["onnxruntime"] = onnxruntime.__version__
-            if text and tokenizer is None:
-                progress(f"text parity on random token ids: {why_not}")
             inputs = _parity_inputs(loaded, towers, [b for b in PARITY_BATCHES if b <= max_batch], tokenizer)
             for tower in towers:
                 verification.append(_onnx_parity(inputs, paths.onnx[tower], tower, precision))
@@ -501,9 +476,7 @@ def export(
         meta = metadata.save(meta, paths.sidecar)
         progress(f"wrote {paths.sidecar.name}")
         if paths.build_plans:
-            meta = _build_plans(
-                meta, paths, towers, precision, version_compatible, cache_path, inputs, progress
-            )
+            meta = _build_plans(meta, paths, version_compatible, cache_path, inputs, progress)
         progress("done")
         return meta
 
@@ -511,25 +484,12 @@ def export(
 def _build_plans(
     meta: metadata.Metadata,
     paths: BundlePaths,
-    towers: Sequence[str],
-    precision: str,
     version_compatible: bool,
     cache_path: Path | None,
     inputs: _ParityInputs | None,
     progress: Callable[[str], None],
 ) -> metadata.Metadata:
-    specs = {
-        tower: trt_build.EngineSpec(
-            onnx=paths.onnx[tower],
-            plan=paths.plan[tower],
-            input_name=meta.towers[tower].input.name,
-            input_shape=tuple(int(d) for d in meta.towers[tower].input.shape[1:]),
-            batch=meta.towers[tower].batch,
-            precision=precision,
-            version_compatible=version_compatible,
-        )
-        for tower in towers
-    }
+    specs = trt_build.engine_specs(meta, paths, version_compatible)
     reason = trt_build.unavailable_reason()
     if reason is not None:
         raise trt_build.TensorRTUnavailableError(
@@ -550,7 +510,7 @@ def _build_plans(
         for tower, spec in specs.items():
             names = metadata.TOWER_TENSOR_NAMES[tower]
             outs = trt_build.run_engine(spec.plan, names[0], names[1], inputs.arrays[tower])
-            plan_checks.append(_compare("tensorrt", tower, inputs.refs[tower], outs, MIN_COS[precision]))
+            plan_checks.append(_compare("tensorrt", tower, inputs.refs[tower], outs, MIN_COS[meta.precision]))
             progress(f"parity {plan_checks[-1]}")
         _gate(plan_checks, "TensorRT outputs")
         verification += plan_checks

@@ -17,6 +17,7 @@ them. This module imports only the standard library (and the native module for `
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -44,6 +45,7 @@ __all__ = [
     "Parity",
     "Preprocess",
     "PreprocessSpec",
+    "RandomWeightsWarning",
     "TensorSpec",
     "Tokenizer",
     "Tower",
@@ -98,6 +100,7 @@ UINT8_MAX = 255
 # The largest magnitude that rounds to 0.0 in float32: half the smallest subnormal (ties to even).
 FLOAT32_ROUNDS_TO_ZERO = 2.0**-150
 SHA256_HEX_LENGTH = 64
+SHA256_CHUNK = 1 << 24  # bytes read at a time while hashing a weights file
 EMBEDS_RANK = 2  # outputs are (batch, embed_dim)
 ONNX_SUFFIX = ".onnx"
 PLAN_SUFFIX = ".plan"
@@ -108,6 +111,15 @@ SIDECAR_MODE = 0o644  # tempfile.mkstemp creates 0600 files; a sidecar is meant 
 
 class MetadataError(ValueError):
     """A sidecar that is missing, unreadable, of another schema version, or holds an invalid value."""
+
+
+class RandomWeightsWarning(UserWarning):
+    """The model has random weights (``weights.source == "random"``): its embeddings mean nothing."""
+
+
+def random_weights_message(model: str) -> str:
+    """The one wording of the random-weights warning (export, loading, embedding)."""
+    return f"model {model!r} has RANDOM weights: its embeddings are meaningless (for tests only)"
 
 
 # --- small typed readers: each names the key path and the value it got ----------------------------
@@ -457,6 +469,15 @@ class Tower:
         _str(self.output.dtype, f"{where}.output.dtype", (OUTPUT_DTYPE,))
         if len(self.output.shape) != EMBEDS_RANK:
             raise _err(f"{where}.output.shape", f"expected [batch, embed_dim], got {list(self.output.shape)}")
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file (a weights checkpoint), as lowercase hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(SHA256_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
 import inspect
 import logging
 import math
@@ -38,19 +37,25 @@ from open_clip import tokenizer as _oc_tokenizer
 from open_clip.transform import merge_preprocess_dict
 
 from . import metadata
+from .metadata import RandomWeightsWarning
 
 __all__ = [
     "NVCLIP_CONFIGS",
+    "Architecture",
     "CheckpointError",
     "LoadedModel",
     "PretrainedUnavailableError",
     "RandomWeightsWarning",
+    "TokenizerUnavailableError",
     "UnknownModelError",
     "WeightsRequiredError",
+    "architectures",
     "checkpoint_geometry",
     "load_model",
+    "offline_tokenizer",
     "read_checkpoint",
     "register_model_config",
+    "require_offline_tokenizer",
     "tokenizer_spec",
 ]
 
@@ -65,7 +70,6 @@ DDP_PREFIX = "module."
 # Every open_clip CLIP / CustomTextCLIP has this top-level parameter: it locates the model's
 # key prefix inside checkpoints that nest it (e.g. a TAO backbone's "model.").
 ANCHOR_KEY = "logit_scale"
-SHA256_CHUNK = 1 << 24
 DEFAULT_SEED = 0
 SCHEMA_PREFIXES = ("hf-hub:", "local-dir:")  # open_clip model names that fetch config and weights themselves
 KEYS_SHOWN = 5  # how many offending keys an error message lists
@@ -126,6 +130,42 @@ NVCLIP_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# Where NVCLIP's weights come from: NVIDIA's NGC catalog (TAO models), under NVIDIA's license there.
+NVCLIP_WEIGHTS = "NVIDIA NGC model nvidia/tao/nvclip_vit (--weights FILE)"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A model name open_clip knows: its embedding size, image size and pretrained tags (NVCLIP's
+    weights are not open_clip tags: ``nvclip`` says where they come from)."""
+
+    name: str
+    embed_dim: int
+    image_size: int
+    pretrained: tuple[str, ...]
+    nvclip: bool
+
+
+def architectures(contains: str = "") -> list[Architecture]:
+    """Every model name open_clip knows (NVCLIP's registered here included) whose name contains
+    ``contains`` (any case), in open_clip's order."""
+    found = []
+    for name in open_clip.list_models():
+        if contains.lower() not in name.lower():
+            continue
+        config = _oc_factory.get_model_config(name) or {}
+        found.append(
+            Architecture(
+                name=name,
+                embed_dim=int(config.get("embed_dim", 0)),
+                image_size=_square(config.get("vision_cfg", {}).get("image_size", 0), name),
+                pretrained=tuple(open_clip.list_pretrained_tags_by_model(name)),
+                nvclip=name in NVCLIP_CONFIGS,
+            )
+        )
+    return found
+
+
 # --- errors -------------------------------------------------------------------------------------------
 
 
@@ -145,8 +185,8 @@ class PretrainedUnavailableError(RuntimeError):
     """An open_clip pretrained tag whose weights could not be downloaded (no network, no cache)."""
 
 
-class RandomWeightsWarning(UserWarning):
-    """The model has random weights: its embeddings mean nothing (tests only)."""
+class TokenizerUnavailableError(RuntimeError):
+    """The text tower's tokenizer cannot be had from local files, so it cannot go into a bundle."""
 
 
 # --- registry -----------------------------------------------------------------------------------------
@@ -191,14 +231,6 @@ def model_config(name: str) -> dict[str, Any]:
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(SHA256_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _torch_load(path: Path) -> Any:
@@ -375,6 +407,47 @@ def preprocess_spec(model: torch.nn.Module) -> metadata.PreprocessSpec:
     return metadata.PreprocessSpec.from_open_clip(open_clip.get_model_preprocess_cfg(model))
 
 
+def offline_tokenizer(name: str, spec: metadata.Tokenizer) -> Any:
+    """open_clip's tokenizer of model ``name`` as ``spec`` describes it, from local files only: the
+    CLIP BPE vocabulary open_clip ships, or a Hugging Face tokenizer already in the local Hugging Face
+    cache (never the network). TokenizerUnavailableError says how to get it, or to do without text."""
+    without_text = "or export the image tower only (--no-text; text=False in Python)"
+    if spec.kind == metadata.SIGLIP_KIND:
+        raise TokenizerUnavailableError(
+            f"model {name!r}: open_clip's SigLIP tokenizer ({spec.name!r}) downloads its vocabulary on "
+            f"every use, so it cannot be saved into a bundle: {without_text}"
+        )
+    kwargs: dict[str, Any] = {"context_length": spec.context_length}
+    if spec.kind == metadata.HF_KIND:
+        kwargs["local_files_only"] = True  # passed through to AutoTokenizer.from_pretrained
+    try:
+        return open_clip.get_tokenizer(name, **kwargs)
+    except ImportError as e:
+        raise TokenizerUnavailableError(
+            f"model {name!r}: its {spec.kind} tokenizer needs a package that is missing ({e}): "
+            f"pip install transformers, {without_text}"
+        ) from e
+    except (OSError, ValueError) as e:
+        if spec.kind != metadata.HF_KIND:
+            raise TokenizerUnavailableError(f"model {name!r}: its tokenizer cannot be loaded ({e})") from e
+        from huggingface_hub import constants
+
+        raise TokenizerUnavailableError(
+            f"model {name!r}: the text tower needs the Hugging Face tokenizer {spec.name!r}, which is not "
+            f"in the local Hugging Face cache ({constants.HF_HUB_CACHE}). Fetch it once where "
+            'huggingface.co can be reached: python -c "from transformers import AutoTokenizer; '
+            f"AutoTokenizer.from_pretrained('{spec.name}')\" (every bundle exported afterwards carries "
+            f"its files), {without_text}"
+        ) from e
+
+
+def require_offline_tokenizer(name: str) -> None:
+    """``offline_tokenizer``'s check for model ``name`` before its weights are loaded."""
+    config = model_config(name)
+    context = int(config["text_cfg"].get("context_length", _oc_tokenizer.DEFAULT_CONTEXT_LENGTH))
+    offline_tokenizer(name, tokenizer_spec(name, context, config))
+
+
 # --- loading ---------------------------------------------------------------------------------------------
 
 
@@ -420,17 +493,9 @@ class LoadedModel:
         _fit_state_dict(lp, self.model.state_dict(), self.name, f"the fp32 {self.name} model")
         return lp.eval()
 
-    def open_clip_tokenizer(self) -> tuple[Any | None, str]:
-        """open_clip's own tokenizer for this model, offline: (tokenizer, "") or (None, why not)."""
-        if self.tokenizer.kind == metadata.SIGLIP_KIND:
-            return None, "open_clip's SigLipTokenizer downloads its vocabulary"
-        kwargs: dict[str, Any] = {"context_length": self.context_length}
-        if self.tokenizer.kind == metadata.HF_KIND:
-            kwargs["local_files_only"] = True  # passed through to AutoTokenizer.from_pretrained
-        try:
-            return open_clip.get_tokenizer(self.name, **kwargs), ""
-        except (ImportError, OSError, ValueError) as e:
-            return None, f"{self.tokenizer.kind} tokenizer {self.tokenizer.name!r} unavailable offline ({e})"
+    def open_clip_tokenizer(self) -> Any:
+        """open_clip's own tokenizer for this model, from local files only (see ``offline_tokenizer``)."""
+        return offline_tokenizer(self.name, self.tokenizer)
 
 
 def _download_pretrained(name: str, tag: str, cache_dir: str | None) -> tuple[Path, dict[str, Any]]:
@@ -503,16 +568,12 @@ def load_model(
         # open_clip: defaults <- tag cfg, then size <- the model's image size.
         force_preprocess = {k: v for k, v in merge_preprocess_dict({}, tag_cfg).items() if k != "size"}
         sd = read_checkpoint(path)
-        info = metadata.Weights(source="pretrained", name=pretrained, sha256=sha256_file(path))
+        info = metadata.Weights(source="pretrained", name=pretrained, sha256=metadata.sha256_file(path))
     elif weights:
         sd = read_checkpoint(weights)
-        info = metadata.Weights(source="file", name=Path(weights).name, sha256=sha256_file(weights))
+        info = metadata.Weights(source="file", name=Path(weights).name, sha256=metadata.sha256_file(weights))
     else:
-        warnings.warn(
-            f"model {name!r} has RANDOM weights: its embeddings are meaningless (for tests only)",
-            RandomWeightsWarning,
-            stacklevel=2,
-        )
+        warnings.warn(metadata.random_weights_message(name), RandomWeightsWarning, stacklevel=2)
         info = metadata.Weights(source="random", name=None, sha256=None)
 
     vision_cfg, text_cfg = config["vision_cfg"], config["text_cfg"]

@@ -222,7 +222,8 @@ class ClipBpeTokenizer:
 class HfTokenizer:
     """open_clip's ``HFTokenizer``: clean, then the HF tokenizer padded/truncated to ``context_length``;
     with ``strip_sep_token`` the SEP id becomes 0 (CLIPA). ``source`` is a directory holding the
-    tokenizer's files (saved into the bundle at export) or a name already in the local HF cache."""
+    tokenizer's files (saved into the bundle at export) or a name already in the local HF cache; the
+    network is never used."""
 
     def __init__(
         self,
@@ -241,11 +242,13 @@ class HfTokenizer:
                 "Hugging Face tokenizers need the 'transformers' package: pip install transformers"
             ) from e
         try:
-            self._tokenizer = AutoTokenizer.from_pretrained(str(source))
+            # Local files only: loading a bundle never goes to the network (no retries, no waiting).
+            self._tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
         except OSError as e:
             raise FileNotFoundError(
-                f"Hugging Face tokenizer {str(source)!r} is not available offline; export the model where "
-                "the tokenizer can be downloaded so its files are saved into the bundle"
+                f"Hugging Face tokenizer {str(source)!r} is not available offline: the bundle does not carry "
+                "its files and it is not in the local Hugging Face cache; export the model again where the "
+                "tokenizer is in that cache (its files are then saved into the bundle)"
             ) from e
         for attribute, token_id in (special_ids or {}).items():  # e.g. SigLIP's pad/eos ids
             setattr(self._tokenizer, attribute, token_id)

@@ -39,6 +39,7 @@ __all__ = [
     "TensorRTBuildError",
     "TensorRTUnavailableError",
     "build_engine",
+    "engine_specs",
     "run_engine",
     "trtexec_command",
     "unavailable_reason",
@@ -87,6 +88,25 @@ class EngineBuild:
     seconds: float
     strongly_typed: bool
     version_compatible: bool
+
+
+def engine_specs(
+    meta: metadata.Metadata, paths: metadata.BundlePaths, version_compatible: bool = False
+) -> dict[str, EngineSpec]:
+    """The plan of each tower a sidecar describes: its ONNX, input and batch profile, written to the
+    bundle's ``.plan`` names (``paths``)."""
+    return {
+        tower: EngineSpec(
+            onnx=paths.onnx[tower],
+            plan=paths.plan[tower],
+            input_name=spec.input.name,
+            input_shape=tuple(int(d) for d in spec.input.shape[1:]),
+            batch=spec.batch,
+            precision=meta.precision,
+            version_compatible=version_compatible,
+        )
+        for tower, spec in meta.towers.items()
+    }
 
 
 def unavailable_reason() -> str | None:

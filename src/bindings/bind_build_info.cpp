@@ -27,6 +27,14 @@ void bind_build_info(py::module_& m) {
         "Usable CUDA devices (0 without a driver or GPU, or in a CPU-only build).");
   m.def("cuda_unavailable_reason", &cuda_unavailable_reason,
         "Why no CUDA device is usable, or '' when one is.");
+  m.def("cuda_device", [](int device) {
+    const CudaDeviceInfo info = cuda_device_info(device);
+    py::dict d;
+    d["name"] = info.name;
+    d["compute_capability"] = std::to_string(info.major) + "." + std::to_string(info.minor);
+    return d;
+  }, py::arg("device") = 0,
+     "{'name', 'compute_capability'} of a CUDA device; raises EngineError where it is not usable.");
 
   m.def("tensorrt_library", [](const std::string& library, const std::vector<std::string>& search_dirs) {
     const TrtLibrary* loaded = nullptr;

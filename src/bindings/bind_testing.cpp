@@ -2,9 +2,13 @@
 // (ResizeNormalizeEmulated) and the numbers the kernels are built from (normalize_table,
 // float_to_half_bits), so that Python tests hold them against torch and Pillow.
 #include <cstring>
+#include <optional>
+
+#include <pybind11/stl.h>
 
 #include "bind_util.h"
 #include "bindings.h"
+#include "cuda_util.h"
 #include "normalize.h"
 #include "resize_normalize.h"
 #include "resize_normalize_kernel.h"
@@ -16,6 +20,28 @@ namespace nvclip {
 
 void bind_testing(py::module_& m) {
   py::module_ t = m.def_submodule("_testing", "Test hooks of nvclip_fast's native core (not API).");
+
+  t.def(
+      "describe_cuda_unavailable",
+      [](int device_count, const std::string& error_name, const std::string& error_message,
+         bool insufficient_driver, bool no_device, int driver_version, int runtime_version,
+         std::optional<std::string> visible_devices) {
+        CudaProbe probe;
+        probe.device_count = device_count;
+        probe.error_name = error_name;
+        probe.error_message = error_message;
+        probe.insufficient_driver = insufficient_driver;
+        probe.no_device = no_device;
+        probe.driver_version = driver_version;
+        probe.runtime_version = runtime_version;
+        probe.visible_devices_set = visible_devices.has_value();
+        probe.visible_devices = visible_devices.value_or("");
+        return describe_cuda_unavailable(probe);
+      },
+      py::kw_only(), py::arg("device_count") = 0, py::arg("error_name") = "", py::arg("error_message") = "",
+      py::arg("insufficient_driver") = false, py::arg("no_device") = false, py::arg("driver_version") = 0,
+      py::arg("runtime_version") = 0, py::arg("visible_devices") = py::none(),
+      "cuda_unavailable_reason's wording for a probe result (what the CUDA runtime reported).");
 
   py::class_<ResizeNormalizeEmulated>(t, "ResizeNormalizeEmulated",
                                       "The CUDA path (packing, table cache, kernel) run on the CPU.")
