@@ -122,7 +122,7 @@ def test_tiny_matches_open_clip(tiny, engine, precision, min_cos):
             check_runs_in(enc, precision)
     assert cosines(got_images, open_clip_image_embeds(model, images)).min() >= min_cos
     assert cosines(got_texts, open_clip_text_embeds(model, "tiny-clip", TEXTS)).min() >= min_cos
-    assert cosines(got_one, got_images[:1]).min() >= MIN_COS_FP32
+    assert cosines(got_one, got_images[:1]).min() >= min_cos  # the same row, alone or in a batch
 
 
 @needs_bf16

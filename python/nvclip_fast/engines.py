@@ -55,10 +55,11 @@ BF16_MIN_COSINE = 0.999
 OPENVINO_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 # THROUGHPUT: OpenVINO runs several streams (2 on 2 cores, each on its own thread), one infer
 # request each, and every batch is split across them; a graph with a fixed batch runs with LATENCY
-# (one stream using every thread). Measured (image towers, 2 threads, batch 32, the two alternated):
-# ViT-S-32 1.13-1.26x LATENCY's images/s end to end, 1.17x alone; ViT-B-32 1.10x (fp32) and 1.08x
-# (bf16) alone, on a busy machine, and ViT-S-32 end to end 1.14x (fp32), 0.94x (bf16) on a quieter
-# one. THROUGHPUT with one request at a time would leave all streams but one idle (half speed).
+# (one stream using every thread). Measured (image towers, 2 threads, batch 32, the two alternated,
+# medians): 1.08-1.26x LATENCY's images/s (ViT-S-32 and ViT-B-32, fp32 and bf16, alone and end to
+# end) on a busy machine, and ViT-S-32 end to end 1.14x (fp32), 0.94x (bf16) on a quieter one.
+# THROUGHPUT with one request at a time would leave all streams but one idle (half speed). A batch
+# smaller than the streams runs on fewer threads.
 OPENVINO_PERFORMANCE_HINT = "THROUGHPUT"
 # The layers that hold a tower's arithmetic, as OpenVINO's runtime model names them.
 OPENVINO_MATRIX_LAYERS = ("FullyConnected", "MatMul", "Convolution")
@@ -112,9 +113,9 @@ def ort_session_options(precision: str, threads: int | None) -> Any:
     """ONNX Runtime session options for one of our towers.
 
     Intra-op threads sleep instead of spinning between runs: the queue's preprocessing threads share
-    the cores with them. Measured (ViT-S-32 image tower, 2 cores, batch 32, the same runs
-    alternated): 1.1-1.8x the images/s with spinning, end to end and alone, on a busy machine; no
-    difference on a quiet one. fp16 graphs run with graph optimizations off: ONNX Runtime 1.32's CPU
+    the cores with them. Measured (ViT-S-32 and ViT-B-32 image towers, 2 cores, batch 32, the two
+    alternated, medians): 1.04-1.36x the images/s with spinning, end to end and alone, on a busy
+    machine; 0.99x on a quiet one. fp16 graphs run with graph optimizations off: ONNX Runtime 1.32's CPU
     graph optimizer crashes (SIGSEGV) on open_clip's fp16 graphs."""
     import onnxruntime as ort
 
@@ -273,7 +274,6 @@ class OpenVinoEngine(_C.Engine):
             for kind, values in (("input", self._compiled.inputs), ("output", self._compiled.outputs))
         }
         super().__init__(_tower_info(path, ports, batch, "cpu"))
-        self.precision = precision
         self._output = self.info.outputs[0].name
         self._requests = [self._compiled.create_infer_request() for _ in range(max(streams, 1))]
         # One batch at a time, split across the streams (as OnnxEngine runs one at a time on the CPU).
@@ -339,11 +339,12 @@ def cpu_engine_name(engine: str, precision: str) -> str:
     exported; "bf16"), for ``engine`` "auto", "onnxruntime" or "openvino".
 
     The rule for "auto", from measurements on an AMD EPYC (AVX-512, AVX512_BF16) with 2 threads and
-    the same ONNX files, batch 32: OpenVINO in fp32 ran the ViT-S-32 and ViT-B-32 image towers at
-    1.1-1.5x ONNX Runtime's images/s, alone and end to end, so an fp32 bundle runs on OpenVINO where
-    it is installed and its CPU plugin is the x86-64 one (on other CPUs nothing was measured and
-    ONNX Runtime stays); bf16 runs on OpenVINO only (ONNX Runtime's CPU provider has no bf16
-    arithmetic); an fp16 bundle runs on ONNX Runtime, under which the exporter checked it."""
+    the same ONNX files, batch 32 (benchmarks/bench_cpu_engines.py): OpenVINO in fp32 ran the
+    ViT-S-32 and ViT-B-32 image towers at 1.21-2.57x ONNX Runtime's images/s alone and 0.95-2.10x
+    end to end (11 of 12 runs >= 1.13x), so an fp32 bundle runs on OpenVINO where it is installed
+    and its CPU plugin is the x86-64 one (on other CPUs nothing was measured and ONNX Runtime
+    stays); bf16 runs on OpenVINO only (ONNX Runtime's CPU provider has no bf16 arithmetic); an
+    fp16 bundle runs on ONNX Runtime, under which the exporter checked it."""
     if engine not in ENGINE_CHOICES:
         raise ValueError(f"engine must be one of {list(ENGINE_CHOICES)}, got {engine!r}")
     if precision == "bf16":
