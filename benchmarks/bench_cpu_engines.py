@@ -194,7 +194,7 @@ def side_by_side(request, tmp_path_factory):
             cos = round(float(cosines(encoder.embed(paths), reference).min()), 7)
             bar = MIN_COS_BF16 if precision == "bf16" else MIN_COS_FP32
             assert cos >= bar, f"{name} {run}: ours and open_clip disagree: min cosine {cos}"
-            tower = encoder._towers.image  # the Encoder's own engine, run alone (no second copy)
+            tower = encoder._towers.images[0]  # the Encoder's own engine, run alone (no second copy)
             e2e = (lambda enc: lambda: enc.embed(paths))(encoder)
             alone = (lambda t: lambda: [t.run(b) for b in batches])(tower)
         runs[run] = {END_TO_END: e2e, MODEL_ONLY: alone, "min_cos": cos}

@@ -9,6 +9,9 @@
 #   build      the extension for this GPU's architecture and the C++ tests (no build isolation, no
 #              index: nothing is downloaded), installed into $SITE
 #   tests      pytest -m "gpu or tensorrt" tests        (TensorRT tests skip where it is absent)
+#   replicas   pytest -m gpu tests/test_replicas.py: two CUDA replicas behind one Encoder (on one
+#              device where there is only one), and Encoder(device="cuda:all") against cuda:0 (skips,
+#              saying so, with fewer than 2 devices)
 #   bench      pytest -m "gpu or tensorrt" benchmarks --benchmark-only (not the slow TensorRT
 #              exports unless --with-slow); besides images/s it measures the kernel's two compiled
 #              occupancy variants side by side (__launch_bounds__(256, 1) and (256, 3)), the overlap
@@ -55,13 +58,14 @@ declare -A LIMIT=(
   [wheels]=40     # ~5 s
   [build]=180     # ~60 s: one CUDA architecture, 16 cores
   [tests]=90      # ~30 s: imports, a tiny export, the kernel bit-exactness sweep
+  [replicas]=40   # ~10 s: a tiny export, two tiny models per device
   [bench]=180     # ~90 s: preprocess kernel, ViT-L-14 and ViT-H-14 @336 (model built on the GPU)
   [ctest]=45      # ~10 s
   [memcheck_queue]=45  # ~10 s
   [memcheck]=60   # ~30 s
   [racecheck]=60  # ~30 s
 )
-STEPS=(env wheels build tests bench ctest memcheck_queue memcheck racecheck)
+STEPS=(env wheels build tests replicas bench ctest memcheck_queue memcheck racecheck)
 MARK_BENCH="(gpu or tensorrt) and not slow"
 [ "$WITH_SLOW" = 1 ] && MARK_BENCH="gpu or tensorrt"
 SANITIZED_TESTS=(tests/test_resize_normalize.py tests/test_resize_normalize_launch.py -m gpu)
@@ -85,7 +89,8 @@ nvcc --version | tail -n 2; cmake --version | head -n 1")
   CMD_build=("$PY" -m pip install --no-index --no-build-isolation --no-deps --upgrade --target "$SITE"
     "-Cbuild-dir=$BUILD_DIR" "-Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$arch" -Ccmake.define.NVCLIP_CUDA=ON
     -Ccmake.define.NVCLIP_BUILD_TESTS=ON .)
-  CMD_tests=("${PYTEST[@]}" -m "gpu or tensorrt" tests)
+  CMD_tests=("${PYTEST[@]}" -m "gpu or tensorrt" tests --ignore=tests/test_replicas.py)
+  CMD_replicas=("${PYTEST[@]}" -m gpu tests/test_replicas.py)
   CMD_bench=("${PYTEST[@]}" -m "$MARK_BENCH" benchmarks --benchmark-only "--benchmark-json=$OUT/bench.json"
     --benchmark-columns=median,rounds)
   CMD_ctest=(ctest --test-dir "$BUILD_DIR" --output-on-failure --timeout 40)
@@ -288,7 +293,7 @@ check_wheels >>"$LOG" 2>&1 || echo "  (.whl/ problems: see $LOG)"
 run_step env
 if [ "${#wheel_list[@]}" -gt 0 ]; then run_step wheels; else record wheels skipped 0 "no .whl/*.whl"; fi
 run_step build && BUILD_OK=1
-for s in tests bench ctest memcheck_queue memcheck racecheck; do
+for s in tests replicas bench ctest memcheck_queue memcheck racecheck; do
   if [ "$BUILD_OK" = 1 ]; then run_step "$s"; else record "$s" skipped 0 "needs the build, which did not pass"; fi
 done
 

@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <set>
 #include <stdexcept>
+#include <tuple>
 
 #include "errors.h"
 
@@ -66,13 +68,7 @@ OutputDType check_stage(const EngineInfo& info, const PreprocessStage& stage) {
   return dtype;
 }
 
-// Checks everything before anything is allocated; returns the queue's batch size: options.max_batch,
-// or the engine's optimal batch.
-int64_t checked_max_batch(const std::shared_ptr<Engine>& engine, const std::shared_ptr<PreprocessStage>& stage,
-                          const BatchQueueOptions& options) {
-  if (!engine) throw std::invalid_argument("BatchQueue: engine is null");
-  if (!stage) throw std::invalid_argument("BatchQueue: preprocess stage is null");
-  check_stage(engine->info(), *stage);
+void check_options(const BatchQueueOptions& options) {
   if (options.streams < 1 || options.streams > kMaxStreams) {
     throw std::invalid_argument("streams must be in [1, " + std::to_string(kMaxStreams) + "], got " +
                                 std::to_string(options.streams));
@@ -84,14 +80,6 @@ int64_t checked_max_batch(const std::shared_ptr<Engine>& engine, const std::shar
     throw std::invalid_argument("staging_bytes must be 0 (the default) or >= " + std::to_string(kMinStagingBytes) +
                                 ", got " + std::to_string(options.staging_bytes));
   }
-  const BatchProfile batches = engine->info().call_batches();
-  const int64_t max_batch = options.max_batch == 0 ? std::min(batches.opt, kMaxBatchLimit) : options.max_batch;
-  if (max_batch < 1 || max_batch > batches.max || max_batch > kMaxBatchLimit) {
-    throw std::invalid_argument("max_batch must be in [1, " + std::to_string(std::min(batches.max, kMaxBatchLimit)) +
-                                "] (the engine's batch profile allows up to " + std::to_string(batches.max) +
-                                "), got " + std::to_string(options.max_batch));
-  }
-  return max_batch;
 }
 
 size_t output_index(const EngineInfo& info, const std::string& name) {
@@ -103,10 +91,16 @@ size_t output_index(const EngineInfo& info, const std::string& name) {
   return 0;
 }
 
-size_t ring_bytes(const BatchQueueOptions& options, int64_t max_batch) {
+// A tensor without its batch dimension, for comparing replicas: "float32[3, 224, 224]".
+std::string row_of(const TensorSpec& spec) {
+  std::string dims;
+  for (size_t d = 1; d < spec.shape.size(); ++d) dims += (d > 1 ? ", " : "") + std::to_string(spec.shape[d]);
+  return std::string(dtype_name(spec.dtype)) + "[" + dims + "]";
+}
+
+size_t ring_bytes(const BatchQueueOptions& options, int64_t max_batch, size_t slots) {
   if (options.staging_bytes != 0) return options.staging_bytes;
-  const auto batches = static_cast<size_t>(options.streams) + 1;
-  return std::max(kMinDefaultStagingBytes, batches * static_cast<size_t>(max_batch) * kTypicalImageBytes);
+  return std::max(kMinDefaultStagingBytes, (slots + 1) * static_cast<size_t>(max_batch) * kTypicalImageBytes);
 }
 
 }  // namespace
@@ -125,31 +119,126 @@ struct BatchQueue::Item {
   Clock::time_point ready;            // when it was filled: the batch delay counts from the oldest
 };
 
-BatchQueue::BatchQueue(std::shared_ptr<Engine> engine, std::shared_ptr<PreprocessStage> stage,
-                       BatchQueueOptions options)
-    : engine_(std::move(engine)),
-      stage_(std::move(stage)),
-      options_(std::move(options)),
-      max_batch_(checked_max_batch(engine_, stage_, options_)),
-      output_index_(output_index(engine_->info(), options_.output)),
-      output_row_bytes_(output().row_bytes()),
-      ring_(ring_bytes(options_, max_batch_)) {
-  SlotConfig slot;
-  slot.min_rows = engine_->info().call_batches().min;
-  slot.rows = std::max(max_batch_, slot.min_rows);
-  slot.output = static_cast<int64_t>(output_index_);
-  slot.stage = stage_;
-  slot.stage_dtype = check_stage(engine_->info(), *stage_);
-  // Device staging per slot: the ring's share, so the device holds as much as the host ring.
-  slot.staging_bytes = align_up(ring_.capacity() / static_cast<size_t>(options_.streams), kBufferAlignment);
-  for (slot.index = 0; slot.index < options_.streams; ++slot.index) slots_.push_back(make_slot_runner(engine_, slot));
-  batch_bytes_limit_ = slots_.front()->staging_capacity();
-  ring_memory_ = HostBuffer(ring_.capacity(), slots_.front()->host_memory());
+namespace {
 
-  engine_->attach(options_.streams);
+std::string replica_label(size_t replica, const EngineInfo& info) {
+  return "replica " + std::to_string(replica) + " (" + info.device_name() + ")";
+}
+
+}  // namespace
+
+std::vector<BatchQueue::ReplicaState> BatchQueue::checked_replicas(std::vector<Replica> replicas,
+                                                                   const BatchQueueOptions& options) {
+  check_options(options);
+  if (replicas.empty()) throw std::invalid_argument("BatchQueue needs at least one replica (an engine and its stage)");
+  const bool several = replicas.size() > 1;
+  std::vector<ReplicaState> states;
+  for (size_t r = 0; r < replicas.size(); ++r) {
+    // One replica's errors read as they always did; with several, they name the replica.
+    const std::string which = several ? "replica " + std::to_string(r) + ": " : "";
+    Replica& replica = replicas[r];
+    if (!replica.engine) throw std::invalid_argument("BatchQueue: " + which + "engine is null");
+    if (!replica.stage) throw std::invalid_argument("BatchQueue: " + which + "preprocess stage is null");
+    const EngineInfo& info = replica.engine->info();
+    ReplicaState state;
+    try {
+      state.stage_dtype = check_stage(info, *replica.stage);
+      state.output_index = output_index(info, options.output);
+      (void)info.outputs[state.output_index].row_bytes();  // fixed rows, or std::invalid_argument
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument(which + e.what());
+    }
+    // Any batch may run on any replica: they must take the same images and give the same rows.
+    if (r > 0) {
+      const EngineInfo& first = states.front().replica.engine->info();
+      const std::string these = replica_label(r, info) + " and " + replica_label(0, first);
+      if (info.device != first.device) {
+        throw std::invalid_argument(these + " run on different kinds of device: a queue's replicas share one "
+                                    "staging ring, so they all run on the CPU or all on CUDA");
+      }
+      if (row_of(info.inputs[0]) != row_of(first.inputs[0])) {
+        throw std::invalid_argument(these + " take different inputs (" + info.inputs[0].to_string() + " vs " +
+                                    first.inputs[0].to_string() + "): replicas must run the same model");
+      }
+      const TensorSpec& out = info.outputs[state.output_index];
+      const TensorSpec& first_out = first.outputs[states.front().output_index];
+      if (row_of(out) != row_of(first_out)) {
+        throw std::invalid_argument(these + " return different rows (" + out.to_string() + " vs " +
+                                    first_out.to_string() + "): replicas must run the same model");
+      }
+      for (size_t q = 0; q < r; ++q) {
+        if (states[q].replica.engine == replica.engine) {
+          throw std::invalid_argument(replica_label(r, info) + " has the same engine as replica " + std::to_string(q) +
+                                      ": each replica needs an engine of its own (an engine runs one set of slots)");
+        }
+      }
+    }
+    state.replica = std::move(replica);
+    states.push_back(std::move(state));
+  }
+  return states;
+}
+
+int64_t BatchQueue::checked_max_batch(const std::vector<ReplicaState>& replicas, const BatchQueueOptions& options) {
+  int64_t opt = kMaxBatchLimit, max = std::numeric_limits<int64_t>::max();
+  for (const auto& r : replicas) {
+    const BatchProfile batches = r.replica.engine->info().call_batches();
+    opt = std::min(opt, batches.opt);
+    max = std::min(max, batches.max);
+  }
+  const int64_t max_batch = options.max_batch == 0 ? opt : options.max_batch;
+  if (max_batch < 1 || max_batch > max || max_batch > kMaxBatchLimit) {
+    const std::string whose = replicas.size() > 1 ? "the smallest of the replicas' batch profiles allows"
+                                                  : "the engine's batch profile allows";
+    throw std::invalid_argument("max_batch must be in [1, " + std::to_string(std::min(max, kMaxBatchLimit)) + "] (" +
+                                whose + " up to " + std::to_string(max) + "), got " +
+                                std::to_string(options.max_batch));
+  }
+  return max_batch;
+}
+
+std::string BatchQueue::replica_name(size_t replica) const {
+  return replica_label(replica, engine(replica).info());
+}
+
+BatchQueue::BatchQueue(std::vector<Replica> replicas, BatchQueueOptions options)
+    : options_(std::move(options)),
+      replicas_(checked_replicas(std::move(replicas), options_)),
+      max_batch_(checked_max_batch(replicas_, options_)),
+      output_row_bytes_(output().row_bytes()),
+      ring_(ring_bytes(options_, max_batch_, replicas_.size() * static_cast<size_t>(options_.streams))) {
+  // Device staging per slot: its share of the ring, so that the devices together hold as much as the
+  // host ring (and the default ring gives every slot a full batch of typical images).
+  const size_t slots = replicas_.size() * static_cast<size_t>(options_.streams);
+  const size_t slot_staging = align_up(ring_.capacity() / slots, kBufferAlignment);
+  for (size_t r = 0; r < replicas_.size(); ++r) {
+    const ReplicaState& replica = replicas_[r];
+    SlotConfig slot;
+    slot.min_rows = replica.replica.engine->info().call_batches().min;
+    slot.rows = std::max(max_batch_, slot.min_rows);
+    slot.output = static_cast<int64_t>(replica.output_index);
+    slot.stage = replica.replica.stage;
+    slot.stage_dtype = replica.stage_dtype;
+    slot.staging_bytes = slot_staging;
+    for (slot.index = 0; slot.index < options_.streams; ++slot.index) {
+      slots_.push_back({make_slot_runner(replica.replica.engine, slot), r});
+    }
+    stats_.replicas.push_back({replica.replica.engine->info().device_name()});
+  }
+  batch_bytes_limit_ = std::numeric_limits<size_t>::max();
+  for (const auto& s : slots_) batch_bytes_limit_ = std::min(batch_bytes_limit_, s.runner->staging_capacity());
+  ring_memory_ = HostBuffer(ring_.capacity(), slots_.front().runner->host_memory());
+
+  size_t attached = 0;
+  try {
+    for (; attached < replicas_.size(); ++attached) replicas_[attached].replica.engine->attach(options_.streams);
+  } catch (...) {
+    for (size_t r = 0; r < attached; ++r) replicas_[r].replica.engine->detach();
+    throw;
+  }
   try {
     completion_thread_ = std::thread([this] { completion_main(); });
-    for (auto& s : slots_) workers_.emplace_back([this, runner = s.get()] { worker_main(*runner); });
+    for (auto& s : slots_) workers_.emplace_back([this, slot = &s] { worker_main(*slot); });
   } catch (...) {
     close(CloseMode::kCancel);  // joins whatever started
     throw;
@@ -312,8 +401,22 @@ void BatchQueue::fail_unstaged(const std::shared_ptr<Request>& request, int64_t 
 // ------------------------------------------------------------------------------------------------
 // Batch formation and execution (slot workers)
 
-bool BatchQueue::take_batch(Batch& batch, bool& cancelled) {
+size_t BatchQueue::preferred_replica() const {
+  size_t best = replicas_.size();
+  for (size_t r = 0; r < replicas_.size(); ++r) {
+    const ReplicaState& c = replicas_[r];
+    if (c.in_flight == options_.streams) continue;  // every slot busy
+    if (best == replicas_.size() || std::tie(c.in_flight, c.taken) < std::tie(replicas_[best].in_flight,
+                                                                               replicas_[best].taken)) {
+      best = r;
+    }
+  }
+  return best;
+}
+
+bool BatchQueue::take_batch(size_t replica, Batch& batch, bool& cancelled) {
   std::unique_lock<std::mutex> lock(mutex_);
+  ReplicaState& mine = replicas_[replica];
   for (;;) {
     if (pending_.empty() || !pending_.front()->filled) {
       if (pending_.empty() && closing_ && active_submits_ == 0) return false;
@@ -340,25 +443,38 @@ bool BatchQueue::take_batch(Batch& batch, bool& cancelled) {
       work_cv_.wait_until(lock, deadline);
       continue;
     }
+    if (replicas_.size() > 1 && preferred_replica() != replica) {
+      // A free slot of the preferred replica takes it: its worker waits here, or is on its way back
+      // from its last batch (and looks before it waits).
+      work_cv_.notify_all();
+      work_cv_.wait(lock);
+      continue;
+    }
+    ++mine.in_flight;
+    ++mine.taken;
     cancelled = cancelling_;
     batch.clear();
     for (int64_t k = 0; k < count; ++k) {
       batch.push_back(std::move(pending_.front()));
       pending_.pop_front();
     }
-    if (!pending_.empty()) work_cv_.notify_one();  // another idle slot may take the rest
+    if (replicas_.size() > 1) {
+      work_cv_.notify_all();  // the workers that left this batch to this replica, and the rest of pending_
+    } else if (!pending_.empty()) {
+      work_cv_.notify_one();  // another idle slot may take the rest
+    }
     return true;
   }
 }
 
-void BatchQueue::worker_main(SlotRunner& slot) {
+void BatchQueue::worker_main(Slot& slot) {
   t_internal_queue = this;
   Batch batch;
   std::vector<ImageView> views;
   std::vector<std::string> item_errors;
   views.reserve(static_cast<size_t>(max_batch_));
   bool cancelled = false;
-  while (take_batch(batch, cancelled)) {
+  while (take_batch(slot.replica, batch, cancelled)) {
     item_errors.assign(batch.size(), std::string());
     RequestStatus status = RequestStatus::kOk;
     std::string error;
@@ -366,21 +482,25 @@ void BatchQueue::worker_main(SlotRunner& slot) {
       status = RequestStatus::kCancelled;
       error = "cancelled: BatchQueue.close(cancel) ran before this image was processed";
     } else {
+      // With several replicas the error says which one failed (a device of its own, usually).
+      const auto failed = [&](const std::string& why) {
+        status = RequestStatus::kFailed;
+        error = "batch of " + std::to_string(batch.size()) + " images failed" +
+                (replicas_.size() > 1 ? " on " + replica_name(slot.replica) : "") + ": " + why;
+      };
       try {
         run_batch(slot, batch, views, item_errors);
       } catch (const std::exception& e) {
-        status = RequestStatus::kFailed;
-        error = "batch of " + std::to_string(batch.size()) + " images failed: " + e.what();
+        failed(e.what());
       } catch (...) {
-        status = RequestStatus::kFailed;
-        error = "batch of " + std::to_string(batch.size()) + " images failed: unknown exception";
+        failed("unknown exception");
       }
     }
-    finish_batch(batch, status, error, item_errors);
+    finish_batch(batch, slot.replica, status, error, item_errors);
   }
 }
 
-void BatchQueue::run_batch(SlotRunner& slot, Batch& batch, std::vector<ImageView>& views,
+void BatchQueue::run_batch(Slot& slot, Batch& batch, std::vector<ImageView>& views,
                            std::vector<std::string>& item_errors) {
   views.clear();
   for (const auto& item : batch) views.push_back(item->view);
@@ -390,14 +510,14 @@ void BatchQueue::run_batch(SlotRunner& slot, Batch& batch, std::vector<ImageView
   job.item_errors = item_errors.data();
   job.released = [&] { release_staging(batch); };
   job.scatter = [&](const uint8_t* const* outputs) {
-    const uint8_t* out = outputs[output_index_];
+    const uint8_t* out = outputs[replicas_[slot.replica].output_index];
     for (size_t i = 0; i < batch.size(); ++i) {
       if (!item_errors[i].empty()) continue;
       Item& item = *batch[i];
       std::memcpy(item.request->row(item.index), out + i * output_row_bytes_, output_row_bytes_);
     }
   };
-  slot.run(job);
+  slot.runner->run(job);
 }
 
 void BatchQueue::release_staging(Batch& batch) {
@@ -419,11 +539,12 @@ void BatchQueue::release_staging(Batch& batch) {
   space_cv_.notify_all();
 }
 
-void BatchQueue::finish_batch(Batch& batch, RequestStatus status, const std::string& error,
+void BatchQueue::finish_batch(Batch& batch, size_t replica, RequestStatus status, const std::string& error,
                               const std::vector<std::string>& item_errors) {
   release_staging(batch);  // when the slot has not already
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    --replicas_[replica].in_flight;
     const auto n = static_cast<int64_t>(batch.size());
     if (status == RequestStatus::kCancelled) {
       stats_.cancelled_images += static_cast<uint64_t>(n);
@@ -433,6 +554,10 @@ void BatchQueue::finish_batch(Batch& batch, RequestStatus status, const std::str
       stats_.images += static_cast<uint64_t>(n);
       stats_.failed_batches += status == RequestStatus::kFailed ? 1 : 0;
       stats_.largest_batch = std::max(stats_.largest_batch, n);
+      ReplicaStats& r = stats_.replicas[replica];
+      ++r.batches;
+      r.images += static_cast<uint64_t>(n);
+      r.failed_batches += status == RequestStatus::kFailed ? 1 : 0;
     }
   }
   std::vector<std::shared_ptr<Request>> ready;
@@ -533,7 +658,7 @@ void BatchQueue::close(CloseMode mode) {
   }
   completion_cv_.notify_all();
   if (completion_thread_.joinable()) completion_thread_.join();
-  engine_->detach();
+  for (auto& r : replicas_) r.replica.engine->detach();
   joined_ = true;
 }
 

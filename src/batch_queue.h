@@ -1,21 +1,30 @@
-// BatchQueue: many callers, one engine kept busy, every row back to the right caller.
+// BatchQueue: many callers, one or more engine replicas kept busy, every row back to the right caller.
 //
 //   submit(images) ── memcpy each image into a bounded staging ring (pinned host memory for CUDA
 //                     engines, aligned host memory for CPU engines; blocks while full = backpressure)
-//   slot workers   ── N threads, one per stream slot. Each takes the next batch (<= max_batch images,
-//                     or what arrived within max_delay of the oldest) and runs it on its SlotRunner:
-//                     copy to the device -> PreprocessStage (writes the engine input) ->
+//   slot workers   ── one thread per stream slot: `streams` slots per replica (an engine and the
+//                     preprocess stage that feeds it, on one device). The next batch (<= max_batch
+//                     images, or what arrived within max_delay of the oldest) goes to a free slot of
+//                     the least loaded replica (fewest batches in flight, then fewest taken), so an
+//                     idle device gets a batch before a busy device's second slot. The slot runs it on
+//                     its SlotRunner: copy to the device -> PreprocessStage (writes the engine input) ->
 //                     Engine::enqueue -> copy back -> rows scattered to the requests. The batch's
 //                     staging is released as soon as it is uploaded (CUDA) or preprocessed (CPU).
 //                     While slot i's engine runs, slot i+1 copies and preprocesses the next batch.
 //   completion     ── one thread marks requests done and runs their callbacks, so a callback that
 //                     waits (for the Python GIL, say) never stalls a slot that feeds the GPU.
 //
+// Replicas (one per GPU of a machine, or several CPU engines sharing the cores) share the staging
+// ring, the batching and the completion thread; they must run the same model: one kind of device,
+// the same input tensor (so the same stage size and dtype) and the same output row. A request's
+// images may run on several replicas; each row lands at its own index.
+//
 // CPU engines use the same queue with host memory and no CUDA call at all (slot_runner.h).
 //
 // Failure semantics
 //   - A batch whose stage or engine throws (or whose CUDA calls fail) fails exactly the requests that
-//     have an image in it (Request status kFailed, error = the message); later batches run normally.
+//     have an image in it (Request status kFailed, error = the message, naming the replica when there
+//     are several); later batches run normally, on that replica and on the others.
 //   - A stage may fail single images (PreprocessBatch::fail_item): the request still succeeds, that
 //     image's row is NaN and item_errors()[i] says why; rows never shift.
 //   - close(kDrain) finishes everything accepted, close(kCancel) fails what has not started with
@@ -51,25 +60,42 @@ using CompletionScope = std::function<void(const std::function<void()>& run_grou
 constexpr int64_t kMaxBatchLimit = 4096;  // beyond any engine profile seen; bounds slot buffers
 constexpr int32_t kMaxStreams = 16;
 constexpr size_t kMinStagingBytes = 4 * kBufferAlignment;
-// The default staging ring holds (streams + 1) full batches of typical photos (640x480 RGB): one
-// batch per slot in flight and the next filling; never less than kMinDefaultStagingBytes.
+// The default staging ring holds (slots + 1) full batches of typical photos (640x480 RGB): one
+// batch per slot (of every replica) in flight and the next filling; never less than
+// kMinDefaultStagingBytes.
 constexpr size_t kTypicalImageBytes = size_t{640} * 480 * 3;
 constexpr size_t kMinDefaultStagingBytes = size_t{256} << 20;
 constexpr std::chrono::microseconds kDefaultMaxDelay{2000};
 constexpr int32_t kDefaultStreams = 2;
 
+// One engine and the stage that writes its input: the model on one device.
+struct Replica {
+  std::shared_ptr<Engine> engine;
+  std::shared_ptr<PreprocessStage> stage;
+};
+
 struct BatchQueueOptions {
-  int64_t max_batch = 0;  // images per batch; 0 = the engine's optimal batch (profile opt)
+  // images per batch; 0 = the engine's optimal batch (profile opt; the smallest over the replicas)
+  int64_t max_batch = 0;
   std::chrono::microseconds max_delay = kDefaultMaxDelay;  // how long a batch waits to fill
-  int32_t streams = kDefaultStreams;  // stream slots = batches in flight = worker threads
-  // Host staging ring; 0 = the default (see kTypicalImageBytes). CUDA engines also get staging_bytes /
-  // streams of device staging per slot, and a batch closes early rather than exceed that share:
-  // size it >= (streams + 1) x max_batch x typical image bytes so batches fill. An image larger than
-  // a slot's share runs alone with a temporary device buffer; one larger than the ring gets a
-  // temporary host buffer (one such image at a time).
+  int32_t streams = kDefaultStreams;  // stream slots per replica = batches in flight on it = its worker threads
+  // Host staging ring, shared by the replicas; 0 = the default (see kTypicalImageBytes; slots = streams
+  // x replicas). CUDA engines also get staging_bytes / slots of device staging per slot, and a batch
+  // closes early rather than exceed that share: size it >= (slots + 1) x max_batch x typical image
+  // bytes so batches fill. An image larger than a slot's share runs alone with a
+  // temporary device buffer; one larger than the ring gets a temporary host buffer (one such image at
+  // a time).
   size_t staging_bytes = 0;
   std::string output;  // engine output to return; "" = the engine's only output
   CompletionScope completion_scope;
+};
+
+// One replica's share of BatchQueueStats' batches.
+struct ReplicaStats {
+  std::string device;            // EngineInfo::device_name(): "cpu" | "cuda:N"
+  uint64_t batches = 0;          // batches this replica ran (including failed ones)
+  uint64_t failed_batches = 0;
+  uint64_t images = 0;
 };
 
 struct BatchQueueStats {
@@ -83,15 +109,19 @@ struct BatchQueueStats {
   uint64_t callback_failures = 0; // completion callbacks that threw (the queue carries on)
   std::map<int64_t, uint64_t> batch_sizes;  // batch size -> batches of that size run (as `batches`)
   int64_t queued_images = 0;     // now: accepted images not yet in a running batch
+  std::vector<ReplicaStats> replicas;  // per replica, in the queue's order
 };
 
 class BatchQueue {
  public:
-  // Validates that the stage produces the engine's only input ([B, 3, S, S], float32/float16, S ==
-  // stage.size()), that devices match, and the options (std::invalid_argument / EngineError naming
-  // the values); allocates every buffer up front; starts the threads.
-  BatchQueue(std::shared_ptr<Engine> engine, std::shared_ptr<PreprocessStage> stage,
-             BatchQueueOptions options);
+  // Validates that each stage produces its engine's only input ([B, 3, S, S], float32/float16, S ==
+  // stage.size()) on the engine's device, that the replicas agree (one kind of device, the same input
+  // tensor and output row, distinct engines), and the options (std::invalid_argument / EngineError
+  // naming the values and the replica); allocates every buffer up front; starts the threads.
+  BatchQueue(std::vector<Replica> replicas, BatchQueueOptions options);
+  // One replica.
+  BatchQueue(std::shared_ptr<Engine> engine, std::shared_ptr<PreprocessStage> stage, BatchQueueOptions options)
+      : BatchQueue(std::vector<Replica>{{std::move(engine), std::move(stage)}}, std::move(options)) {}
   ~BatchQueue();  // close(kCancel)
   BatchQueue(const BatchQueue&) = delete;
   BatchQueue& operator=(const BatchQueue&) = delete;
@@ -112,27 +142,48 @@ class BatchQueue {
   // must stop while they can still reach the interpreter). Queues are not destroyed meanwhile.
   static void close_all(CloseMode mode);
 
-  DeviceKind device() const { return engine_->info().device; }
+  DeviceKind device() const { return engine(0).info().device; }  // every replica's
+  size_t replicas() const { return replicas_.size(); }
+  const Engine& engine(size_t replica) const { return *replicas_.at(replica).replica.engine; }
   int64_t max_batch() const { return max_batch_; }
-  int32_t streams() const { return options_.streams; }
+  int32_t streams() const { return options_.streams; }  // per replica
   std::chrono::microseconds max_delay() const { return options_.max_delay; }
   size_t staging_bytes() const { return ring_.capacity(); }
-  const TensorSpec& input() const { return engine_->info().inputs[0]; }
-  const TensorSpec& output() const { return engine_->info().outputs[output_index_]; }
-  const Engine& engine() const { return *engine_; }
+  const TensorSpec& input() const { return engine(0).info().inputs[0]; }  // as every replica's
+  const TensorSpec& output() const { return engine(0).info().outputs[replicas_[0].output_index]; }
   BatchQueueStats stats() const;
 
  private:
   struct Item;
   using Batch = std::vector<std::unique_ptr<Item>>;
+  struct ReplicaState {
+    Replica replica;
+    size_t output_index = 0;  // the returned output among the engine's outputs
+    OutputDType stage_dtype = OutputDType::kFloat32;
+    // Guarded by mutex_: where the next batch goes (preferred_replica).
+    int32_t in_flight = 0;  // its batches taken and not yet finished (its busy slots)
+    uint64_t taken = 0;     // batches it has taken
+  };
+  struct Slot {
+    std::unique_ptr<SlotRunner> runner;
+    size_t replica = 0;
+  };
 
-  void worker_main(SlotRunner& slot);
+  // The replicas, checked (see the constructor), with what the queue needs of each.
+  static std::vector<ReplicaState> checked_replicas(std::vector<Replica> replicas, const BatchQueueOptions& options);
+  // options.max_batch, or the smallest optimal batch of the replicas; within every replica's profile.
+  static int64_t checked_max_batch(const std::vector<ReplicaState>& replicas, const BatchQueueOptions& options);
+  std::string replica_name(size_t replica) const;  // "replica 1 (cuda:1)"
+
+  void worker_main(Slot& slot);
   void completion_main();
-  bool take_batch(Batch& batch, bool& cancelled);  // false: the worker should exit
-  void run_batch(SlotRunner& slot, Batch& batch, std::vector<ImageView>& views,
-                 std::vector<std::string>& item_errors);
+  bool take_batch(size_t replica, Batch& batch, bool& cancelled);  // false: the worker should exit
+  // The replica that gets the next batch: of those with a free slot, the one with the fewest batches
+  // in flight, then the fewest taken, then the lowest index. Needs mutex_.
+  size_t preferred_replica() const;
+  void run_batch(Slot& slot, Batch& batch, std::vector<ImageView>& views, std::vector<std::string>& item_errors);
   void release_staging(Batch& batch);  // idempotent
-  void finish_batch(Batch& batch, RequestStatus status, const std::string& error,
+  void finish_batch(Batch& batch, size_t replica, RequestStatus status, const std::string& error,
                     const std::vector<std::string>& item_errors);
   // Fails `count` images of `request` that never reached staging (close during submit, allocation).
   void fail_unstaged(const std::shared_ptr<Request>& request, int64_t count, RequestStatus status,
@@ -140,11 +191,9 @@ class BatchQueue {
   void complete(std::vector<std::shared_ptr<Request>>& ready);
   void check_not_internal_thread(const char* what) const;
 
-  std::shared_ptr<Engine> engine_;
-  std::shared_ptr<PreprocessStage> stage_;
   BatchQueueOptions options_;
+  std::vector<ReplicaState> replicas_;
   int64_t max_batch_ = 0;
-  size_t output_index_ = 0;
   size_t output_row_bytes_ = 0;
   size_t batch_bytes_limit_ = 0;  // a batch closes before its staged images exceed a slot's staging
 
@@ -171,7 +220,7 @@ class BatchQueue {
   std::mutex close_mutex_;  // serializes close(): the second caller waits for the joins
   bool joined_ = false;
 
-  std::vector<std::unique_ptr<SlotRunner>> slots_;
+  std::vector<Slot> slots_;  // replica 0's slots, then replica 1's, ...
   std::vector<std::thread> workers_;
   std::thread completion_thread_;
 };

@@ -127,6 +127,10 @@ BatchProfile EngineInfo::call_batches() const {
   return fixed > 0 ? BatchProfile{fixed, fixed, fixed} : batch;
 }
 
+std::string EngineInfo::device_name() const {
+  return device == DeviceKind::kCuda ? "cuda:" + std::to_string(device_index) : device_kind_name(device);
+}
+
 Engine::Engine(EngineInfo info) { set_info(std::move(info)); }
 
 void Engine::set_info(EngineInfo info) {

@@ -72,6 +72,7 @@ struct EngineInfo {
   const TensorSpec& output(const std::string& name) const;  // throws std::invalid_argument
   // The batch sizes a call may run: the profile, or {F, F, F} when the first input has a fixed batch F.
   BatchProfile call_batches() const;
+  std::string device_name() const;  // "cpu" | "cuda:N"
 };
 
 // One batch for Engine::enqueue. Pointers follow EngineInfo's order of inputs and outputs and point

@@ -86,6 +86,21 @@ def bundle_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny-clip (32 px, CLIP BPE) exported to ONNX (max batch ``tiny_models.TINY_MAX_BATCH``), shared
+    by every test that needs a fast real model: (open_clip's model, path of tiny.onnx)."""
+    import tiny_models
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    model = tiny_models.random_model("tiny-clip", seed=3)
+    checkpoint = tiny_models.save_checkpoint(model, tmp / "tiny.pt")
+    nvclip_fast.export(
+        "tiny-clip", tmp / "tiny.onnx", weights=checkpoint, max_batch=tiny_models.TINY_MAX_BATCH, quiet=True
+    )
+    return model, tmp / "tiny.onnx"
+
+
+@pytest.fixture(scope="session")
 def vits32(tmp_path_factory):
     """ViT-S-32 with random weights saved by torch.save and exported once through the CLI (ONNX,
     fp32, max batch 8), shared by every test that needs a realistic 224 px model:

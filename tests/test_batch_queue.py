@@ -285,6 +285,37 @@ def test_failing_batch_fails_only_its_requests_and_the_queue_goes_on():
     assert stats["batches"] == 4
 
 
+def test_replicas_share_one_queue_and_a_batch_goes_to_a_free_one():
+    # Two replicas with one slot each, their engines gated: while one replica holds the first batch,
+    # the next batch can only run on the other; then both serve, and every row reaches its caller.
+    gates = [threading.Event(), threading.Event()]
+    engines = [MeanEngine(gate=gate) for gate in gates]
+    replicas = [(engine, make_stage()) for engine in engines]
+    with _C.BatchQueue(replicas, max_batch=4, max_delay_ms=1.0, streams=1) as queue:
+        assert queue.devices == ["cpu", "cpu"]
+        first = queue.submit([image((1, k, 0)) for k in range(4)])  # a full batch: goes at once
+        assert eventually(lambda: any(e.calls for e in engines))
+        busy = 0 if engines[0].calls else 1
+        second = queue.submit([image((2, k, 0)) for k in range(4)])
+        engines[1 - busy].wait_calls(1)  # the busy replica still holds the first batch
+        assert len(engines[busy].calls) == 1
+        for gate in gates:
+            gate.set()
+        rest = [queue.submit([image((3, k, j)) for j in range(3)]) for k in range(20)]
+        assert colours(first.result(timeout=WAIT_S)) == [(1, k, 0) for k in range(4)]
+        assert colours(second.result(timeout=WAIT_S)) == [(2, k, 0) for k in range(4)]
+        for k, request in enumerate(rest):
+            assert colours(request.result(timeout=WAIT_S)) == [(3, k, j) for j in range(3)]
+        stats = queue.stats()
+    assert [r["device"] for r in stats["replicas"]] == ["cpu", "cpu"]
+    assert [r["batches"] for r in stats["replicas"]] == [len(e.calls) for e in engines]
+    assert sum(r["images"] for r in stats["replicas"]) == stats["images"] == 8 + 60
+    with pytest.raises(ValueError, match=r"replica 1 \(cpu\) has the same engine as replica 0"):
+        _C.BatchQueue([replicas[0], (engines[0], make_stage())])
+    with pytest.raises(ValueError, match="at least one replica"):
+        _C.BatchQueue([])
+
+
 def test_failed_item_gives_a_nan_row_without_shifting_the_others():
     # resize_mode 'longest' rounds the 1-pixel side of a 1x64 image to 0 pixels: open_clip's
     # transform fails on it, and so does the stage, for that image alone.

@@ -79,7 +79,7 @@ def check_runs_in(encoder: nf.Encoder, precision: str) -> None:
     """What OpenVINO compiled for the Encoder's towers (the text tower once made): every matrix layer
     in ``precision``, whatever was asked."""
     want = RUNTIME_PRECISION[precision]
-    for engine in (encoder._towers.image, encoder._text_engine):  # the engines the Encoder runs
+    for engine in (*encoder._towers.images, encoder._text_engine):  # the engines the Encoder runs
         assert isinstance(engine, engines.OpenVinoEngine)
         counts = engine.runtime_precisions()
         assert set(counts) == {want}, counts
@@ -271,7 +271,9 @@ def test_bf16_check_images_are_built_in_and_varied():
 @needs_openvino
 def test_threads_reach_openvino(tiny):
     with nf.Encoder(tiny[1], device="cpu", engine="openvino", threads=1) as enc:
-        assert enc._towers.image._compiled.get_property("INFERENCE_NUM_THREADS") == 1
+        assert enc._towers.images[0]._compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    with nf.Encoder(tiny[1], device="cpu,cpu", engine="openvino", threads=3) as enc:  # replicas share them
+        assert [e._compiled.get_property("INFERENCE_NUM_THREADS") for e in enc._towers.images] == [2, 1]
 
 
 # --- how to open the same model again --------------------------------------------------------------

@@ -33,7 +33,7 @@ from nvclip_fast.encoder import Encoder, ItemError  # noqa: E402
 # Encoder(onnx) equals open_clip's pipeline with cosine >= 0.99999 in fp32 (preprocessing
 # is bit-exact; what remains is ONNX Runtime vs torch float summation order).
 MIN_COS = 0.99999
-MAX_BATCH = 8
+MAX_BATCH = tiny_models.TINY_MAX_BATCH  # the ``tiny`` bundle's (conftest)
 # Rows computed with and without the queue run the same ONNX graph on the same input: they may
 # differ only by ONNX Runtime choosing different kernels for different batch sizes.
 ROW_ATOL = 1e-6
@@ -67,16 +67,6 @@ def random_images(n: int, seed: int, lo: int = 8, hi: int = 80) -> list[np.ndarr
         rng.integers(0, 256, (int(rng.integers(lo, hi)), int(rng.integers(lo, hi)), 3), dtype=np.uint8)
         for _ in range(n)
     ]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """tiny-clip (32 px, CLIP BPE) exported to ONNX: (model, path of tiny.onnx)."""
-    tmp = tmp_path_factory.mktemp("tiny")
-    model = tiny_models.random_model("tiny-clip", seed=3)
-    checkpoint = tiny_models.save_checkpoint(model, tmp / "tiny.pt")
-    nf.export("tiny-clip", tmp / "tiny.onnx", weights=checkpoint, max_batch=MAX_BATCH, quiet=True)
-    return model, tmp / "tiny.onnx"
 
 
 @pytest.fixture(scope="module")

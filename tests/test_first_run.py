@@ -417,7 +417,7 @@ def test_threads_sets_onnx_runtime_threads(in_shared_cache):
     argv = ["embed", "x", "-m", str(in_shared_cache.bundle), "-o", "o.npy", "--threads", "1"]
     args = cli.build_parser().parse_args([*argv, "--engine", "onnxruntime"])
     with commands.encoder_loader(args, text=None)() as enc:
-        assert enc._towers.image._session.get_session_options().intra_op_num_threads == 1
+        assert enc._towers.images[0]._session.get_session_options().intra_op_num_threads == 1
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".npy"])

@@ -26,6 +26,7 @@ TINY_TEXT = {"context_length": 16, "vocab_size": CLIP_BPE_VOCAB_SIZE, "width": 6
 TINY_EMBED_DIM = 32
 CLIPA_VISION = {"no_ln_pre": True, "pool_type": "avg", "final_ln_after_pool": True}
 CLIPA_TEXT = {"pool_type": "last", "no_causal_mask": True}
+TINY_MAX_BATCH = 8  # the largest batch of the tiny-clip bundle the tests share (conftest's ``tiny``)
 
 
 def _tiny_nvclip() -> dict:

@@ -3,7 +3,7 @@
 import enum
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -170,6 +170,12 @@ class Request:
     def result(self, timeout: float | None = None) -> npt.NDArray[Any]:
         """Wait, then rows(); EngineError if the request failed or was cancelled, TimeoutError."""
 
+class ReplicaStats(TypedDict):
+    device: str  # "cpu" | "cuda:N"
+    batches: int  # batches this replica ran, failed ones included
+    failed_batches: int
+    images: int
+
 class BatchQueueStats(TypedDict):
     batches: int  # batches run, failed ones included
     failed_batches: int
@@ -181,10 +187,13 @@ class BatchQueueStats(TypedDict):
     callback_failures: int
     batch_sizes: dict[int, int]  # batch size -> batches of that size run
     queued_images: int  # now: accepted images not yet in a running batch
+    replicas: list[ReplicaStats]  # per replica, in the queue's order
 
 class BatchQueue:
-    """Dynamic batching of any number of callers' images onto one engine (see batch_queue.h)."""
+    """Dynamic batching of any number of callers' images onto one engine, or onto several replicas
+    (engine + stage, one per device, the same model) behind one queue (see batch_queue.h)."""
 
+    @overload
     def __init__(
         self,
         engine: Engine,
@@ -196,7 +205,20 @@ class BatchQueue:
         staging_bytes: int = 0,
         output: str = "",
     ) -> None:
-        """staging_bytes 0: (streams + 1) batches of 640x480 RGB photos, at least 256 MiB."""
+        """staging_bytes 0: (slots + 1) batches of 640x480 RGB photos, at least 256 MiB."""
+    @overload
+    def __init__(
+        self,
+        replicas: Sequence[tuple[Engine, PreprocessStage]],
+        *,
+        max_batch: int = 0,
+        max_delay_ms: float = 2.0,
+        streams: int = 2,
+        staging_bytes: int = 0,
+        output: str = "",
+    ) -> None:
+        """One replica per (engine, stage); each gets `streams` slots, a batch goes to the first
+        free slot of any replica. max_batch 0: the smallest optimal batch of the engines."""
     def submit(
         self,
         images: Sequence[npt.NDArray[np.uint8]],
@@ -212,9 +234,13 @@ class BatchQueue:
     @property
     def device(self) -> Literal["cpu", "cuda"]: ...
     @property
+    def devices(self) -> list[str]:
+        """Each replica's device ("cpu", "cuda:N"), in the queue's order."""
+    @property
     def max_batch(self) -> int: ...
     @property
-    def streams(self) -> int: ...
+    def streams(self) -> int:
+        """Slots per replica."""
     @property
     def max_delay_ms(self) -> float: ...
     @property

@@ -8,21 +8,25 @@ the CPU under the engine :func:`engines.cpu_engine_name` picks: OpenVINO or ONNX
 ``vith.plan`` or ``vith.onnx`` asks for that kind of engine. The sidecar gives the
 preprocessing, tokenizer, logit scale and batch profile; without one (an engine from elsewhere) the
 input size comes from the engine, preprocessing is open_clip's default and text, if any, the CLIP
-BPE tokenizer, with a warning. Loading a bundle never goes to the network.
+BPE tokenizer, with a warning. Loading a bundle never goes to the network. On several devices
+(``device="cuda:0,1"``, ...) the image tower is loaded once per device, the text tower on the first
+one only.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import shlex
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import _C, metadata, trt_library
 from ._C import EngineError
+from .devices import check_cuda, parse_devices, thread_shares
 from .engines import (
     BF16_CHECK_TEXTS,
     CPU_PRECISIONS,
@@ -53,7 +57,7 @@ class Towers:
     """What an Encoder runs: engines, preprocessing and tokenizer, from a bundle or a model. The
     text tower and tokenizer are made on first use (an image-only job never loads them)."""
 
-    image: _C.Engine
+    images: tuple[_C.Engine, ...]  # the image tower: one engine per device (replica)
     text: Callable[[], _C.Engine] | None
     spec: PreprocessSpec
     tokenizer: Callable[[], Tokenizer] | None
@@ -92,34 +96,15 @@ def model_source(
     return {**source, "precision": precision}
 
 
-def parse_device(device: str) -> tuple[str, int]:
-    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` -> (kind, index); auto stays ``"auto"``."""
-    if device in ("auto", "cpu"):
-        return device, 0
-    kind, _, index = device.partition(":")
-    if kind == "cuda" and (index == "" or index.isdigit()):
-        return "cuda", int(index or 0)
-    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-
-
-def check_cuda(index: int) -> None:
-    count = _C.cuda_device_count()
-    if count == 0:
-        raise EngineError(
-            f"device 'cuda:{index}' requested but no CUDA device is usable: {_C.cuda_unavailable_reason()}"
-        )
-    if index >= count:
-        raise EngineError(f"device 'cuda:{index}' requested but only {count} CUDA device(s) are visible")
-
-
-def tensorrt_unavailable_reason(device: str) -> str | None:
-    """Why a TensorRT plan cannot run on ``device`` here, or None when it can (a CUDA device, a build
-    with TensorRT, and TensorRT's runtime library loads)."""
-    kind, index = parse_device(device)
-    if kind == "cpu":
+def tensorrt_unavailable_reason(device: str | Sequence[str]) -> str | None:
+    """Why a TensorRT plan cannot run on ``device`` (each of several) here, or None when it can (CUDA
+    devices, a build with TensorRT, and TensorRT's runtime library loads)."""
+    devices = parse_devices(device)
+    if devices.kind == "cpu":
         return "the device is the CPU"
-    if _C.cuda_device_count() <= index:
-        return _C.cuda_unavailable_reason() or f"there is no CUDA device {index}"
+    for index in devices.indices:
+        if _C.cuda_device_count() <= index:
+            return _C.cuda_unavailable_reason() or f"there is no CUDA device {index}"
     if not _C.build_info()["tensorrt"]:
         return "nvclip_fast was built without TensorRT"
     try:
@@ -220,18 +205,20 @@ def cpu_only(engine: str, precision: str | None) -> bool:
 
 def load_bundle(
     path: str | Path,
-    device: str,
+    device: str | Sequence[str],
     threads: int | None,
     *,
     engine: str = "auto",
     precision: str | None = None,
 ) -> Towers:
-    """Engines + preprocessing + tokenizer from an exported bundle (see the module docstring).
+    """Engines + preprocessing + tokenizer from an exported bundle (see the module docstring). CPU
+    replicas share ``threads`` (None: every core).
 
     ``engine`` chooses what runs the ONNX towers on the CPU ("auto": :func:`engines.cpu_engine_name`'s
     rule); ``precision`` None runs them as exported, "bf16" an fp32 bundle in bf16 on the CPU
     (OpenVINO), each tower checked against fp32 when it is made (:func:`engines.check_bf16`)."""
-    kind, index = parse_device(device)
+    devices = parse_devices(device)
+    kind = devices.kind
     on_cpu = cpu_only(engine, precision)
     if on_cpu and kind == "cuda":
         raise ValueError(
@@ -265,7 +252,7 @@ def load_bundle(
             )
         engine = "tensorrt"
 
-        def make(p: Path, tower: str) -> _C.Engine:
+        def make(p: Path, tower: str, index: int, threads: int | None) -> _C.Engine:
             return _C.TrtEngine(p, device=index, search_dirs=trt_library.search_dirs())
     else:
         if kind == "auto":
@@ -274,20 +261,24 @@ def load_bundle(
             use_cuda = not on_cpu and _C.cuda_device_count() > 0 and cuda_provider_available()
             kind = "cuda" if use_cuda else "cpu"
         if kind == "cuda":
-            check_cuda(index)
+            for index in devices.indices:
+                check_cuda(index)
             engine = ONNXRUNTIME
         else:
             engine = cpu_engine_name(engine, precision)
 
-        def make(p: Path, tower: str) -> _C.Engine:
+        def make(p: Path, tower: str, index: int, threads: int | None) -> _C.Engine:
             from .engines import OnnxEngine, cpu_engine
 
             batch = meta.towers[tower].batch if meta is not None and tower in meta.towers else None
             if kind == "cuda":
-                return OnnxEngine(p, device=kind, device_index=index, precision=precision, batch=batch)
+                return OnnxEngine(
+                    p, device=kind, device_index=index, precision=precision, threads=threads, batch=batch
+                )
             return cpu_engine(p, engine=engine, precision=precision, threads=threads, batch=batch)
 
-    image = make(path, "image")
+    shares = thread_shares(threads, len(devices))
+    images = tuple(make(path, "image", i, n) for i, n in zip(devices.indices, shares, strict=True))
     paths = metadata.bundle_paths(path)
     text_path: Path | None = (paths.plan if plan else paths.onnx)["text"]
     if meta is not None:
@@ -298,7 +289,7 @@ def load_bundle(
             text_path = meta.path(text_tower.plan if plan else text_tower.onnx)
         # else: a plan the sidecar does not list (built later with the printed trtexec commands), by name
 
-    engine_size, engine_dim = image.info.inputs[0].shape[-1], image.info.outputs[0].shape[1]
+    engine_size, engine_dim = images[0].info.inputs[0].shape[-1], images[0].info.outputs[0].shape[1]
     if meta is not None and (meta.preprocess.size, meta.embed_dim) != (engine_size, engine_dim):
         raise EngineError(
             f"{sidecar} does not describe {path}: it says {meta.preprocess.size} px -> "
@@ -323,11 +314,11 @@ def load_bundle(
         context = shape[1] if len(shape) > 1 else DEFAULT_CONTEXT_LENGTH
         return metadata.Tokenizer(metadata.CLIP_BPE_KIND, context, vocab=CLIP_BPE_VOCAB_FILE)
 
-    if precision == "bf16":
-        check_bf16(image, path, preprocess(bf16_check_images(), spec), threads=threads)
+    if precision == "bf16":  # every replica is the same compilation of the same file: one check
+        check_bf16(images[0], path, preprocess(bf16_check_images(), spec), threads=shares[0])
 
-    def make_text() -> _C.Engine:
-        text_engine = make(text_path, "text")
+    def make_text() -> _C.Engine:  # on the first device
+        text_engine = make(text_path, "text", devices.indices[0], threads)
         if precision == "bf16" and (token_spec := tokenizer_spec(text_engine)) is not None:
             ids = load_tokenizer(token_spec, tokenizer_dir)(list(BF16_CHECK_TEXTS))
             check_bf16(text_engine, text_path, ids.astype(text_engine.info.inputs[0].dtype), threads=threads)
@@ -346,7 +337,7 @@ def load_bundle(
     if precision != exported:  # bf16: the same bundle, run in bf16
         source["precision"] = precision
     kinds = {"meta": meta, "engine": engine, "precision": precision, "source": source}
-    return Towers(image, text, spec, tokenizer, engine_dim, name, scale, bias, **kinds)
+    return Towers(images, text, spec, tokenizer, engine_dim, name, scale, bias, **kinds)
 
 
 def load_open_clip(
@@ -356,7 +347,7 @@ def load_open_clip(
     pretrained: str | None,
     random_weights: bool,
     image_size: int | None,
-    device: str,
+    device: str | Sequence[str],
     precision: str,
     max_batch: int | None,
 ) -> Towers:
@@ -366,13 +357,15 @@ def load_open_clip(
     from . import models
     from .engines import TorchEngine
 
-    kind, index = parse_device(device)
+    devices = parse_devices(device)
+    kind = devices.kind
     if kind == "auto":
         kind = "cuda" if _C.cuda_device_count() > 0 and torch.cuda.is_available() else "cpu"
     if precision not in metadata.PRECISIONS:
         raise ValueError(f"precision must be one of {list(metadata.PRECISIONS)}, got {precision!r}")
     if kind == "cuda":
-        check_cuda(index)
+        for index in devices.indices:
+            check_cuda(index)
         if not torch.cuda.is_available():
             raise EngineError(
                 "device='cuda' needs a CUDA build of torch (torch.cuda.is_available() is False)"
@@ -380,23 +373,34 @@ def load_open_clip(
     loaded = models.load_model(
         model, weights=weights, pretrained=pretrained, random_weights=random_weights, image_size=image_size
     )
-    net = loaded.model_in(precision)
-    net = net.to(torch.device(kind, index) if kind == "cuda" else torch.device("cpu")).eval()
+    net = loaded.model_in(precision).eval()
     embed_dim = int(models.model_config(model)["embed_dim"])
     dtype = "float16" if precision == "fp16" else "float32"
     limit = max_batch or metadata.DEFAULT_MAX_BATCH
-    common = {
-        "embed_dim": embed_dim,
-        "device": kind,
-        "device_index": index,
-        "batch": metadata.BatchProfile(1, limit, limit),
-    }
-    image = TorchEngine(
-        net, "image", input_shape=(3, loaded.image_size, loaded.image_size), input_dtype=dtype, **common
-    )
+    # One copy of the model per CUDA device (copied while in host memory); CPU replicas share the
+    # one in host memory (PyTorch's CPU threads are the process's: replicas cannot split them).
+    first, *others = devices.indices
+    nets = {i: copy.deepcopy(net).to(torch.device(kind, i)) for i in others} if kind == "cuda" else {}
+    nets[first] = net.to(torch.device(kind, first)) if kind == "cuda" else net
+
+    def engine(tower: str, index: int, input_shape: tuple[int, ...], input_dtype: str) -> _C.Engine:
+        batch = metadata.BatchProfile(1, limit, limit)
+        return TorchEngine(
+            nets[index],
+            tower,
+            embed_dim=embed_dim,
+            input_shape=input_shape,
+            input_dtype=input_dtype,
+            device=kind,
+            device_index=index,
+            batch=batch,
+        )
+
+    size = loaded.image_size
+    images = tuple(engine("image", i, (3, size, size), dtype) for i in devices.indices)
 
     def text() -> _C.Engine:
-        return TorchEngine(net, "text", input_shape=(loaded.context_length,), input_dtype="int64", **common)
+        return engine("text", first, (loaded.context_length,), "int64")
 
     with torch.no_grad():
         scale = float(net.logit_scale.exp()) if getattr(net, "logit_scale", None) is not None else None
@@ -411,4 +415,4 @@ def load_open_clip(
         precision=precision,
     )
     kinds = {"engine": "torch", "precision": precision, "source": source}
-    return Towers(image, text, loaded.preprocess, tokenizer, embed_dim, model, scale, bias, **kinds)
+    return Towers(images, text, loaded.preprocess, tokenizer, embed_dim, model, scale, bias, **kinds)

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 PROG = "nvclip-fast"
 HELP_WIDTH = 88
-DEVICES = "auto, cpu, cuda or cuda:N"
+# The --device forms (nvclip_fast.devices): several devices run one image engine each behind one queue.
+DEVICES = "auto, cpu, cuda, cuda:N, or several: cuda:0,1, cuda:all, cpu,cpu (CPU replicas share --threads)"
 BUNDLE_SUFFIXES = (metadata.PLAN_SUFFIX, metadata.ONNX_SUFFIX, metadata.SIDECAR_SUFFIX)
 # --precision: the export's (fp32, fp16) and the CPU's (fp32, bf16).
 PRECISIONS = (*metadata.PRECISIONS, *(p for p in CPU_PRECISIONS if p not in metadata.PRECISIONS))

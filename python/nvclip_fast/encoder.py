@@ -3,8 +3,10 @@
 Images go through the image pipeline (``pipeline``) into the native ``BatchQueue``: every caller's
 images are copied into one staging ring, batched together (up to ``max_batch`` images or
 ``max_delay_ms``), preprocessed by ``resize_normalize`` straight into the engine's input and run on
-one of ``streams`` slots. Text is tokenized in Python (no torch needed) and run on the text tower
-synchronously.
+one of ``streams`` slots. On several devices (``device="cuda:0,1"``, ``"cuda:all"``, or CPU
+replicas ``["cpu", "cpu"]``) each device runs a replica of the image engine with its own slots
+behind the same queue. Text is tokenized in Python (no torch needed) and run on the text tower (on
+the first device) synchronously.
 """
 
 from __future__ import annotations
@@ -22,15 +24,8 @@ import numpy as np
 
 from . import _C, cache, metadata, trt_library
 from ._C import EngineError
-from .bundle import (
-    Towers,
-    check_cuda,
-    cpu_only,
-    load_bundle,
-    load_open_clip,
-    parse_device,
-    tensorrt_unavailable_reason,
-)
+from .bundle import Towers, cpu_only, load_bundle, load_open_clip, tensorrt_unavailable_reason
+from .devices import check_cuda, device_string, parse_devices
 from .images import as_image_list
 from .metadata import PreprocessSpec
 from .pipeline import ImagePipeline, Item, ItemError, Merge, QueueOptions, l2_normalize
@@ -77,13 +72,17 @@ class Encoder:
     images are batched together. The keyword ``options`` of every constructor are the queue settings
     (:class:`~nvclip_fast.pipeline.QueueOptions`: ``max_batch``, ``max_delay_ms``, ``streams``,
     ``staging_mb``, ``threads``, ``decode_ahead_mb``).
+
+    ``device``: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or several devices, one image engine
+    on each behind one queue: ``"cuda:0,1"``, ``["cuda:0", "cuda:1"]``, ``"cuda:all"``, or CPU
+    replicas that split ``threads`` between them (``["cpu", "cpu"]``, ``"cpu,cpu"``).
     """
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         *,
-        device: str = "auto",
+        device: str | Sequence[str] = "auto",
         engine: str = "auto",
         precision: str | None = None,
         **options: Any,
@@ -103,7 +102,7 @@ class Encoder:
         image_size: int | None = None,
         precision: str = "fp32",
         engine: str = "auto",
-        device: str = "auto",
+        device: str | Sequence[str] = "auto",
         text: bool | None = True,
         progress: bool | None = None,
         **options: Any,
@@ -138,15 +137,18 @@ class Encoder:
             "max_batch": max(metadata.DEFAULT_MAX_BATCH, options.get("max_batch") or 0),
         }
         cache.Request(**common)  # bad arguments fail here, before any device work
-        kind, index = parse_device(device)
+        devices = parse_devices(device)
+        kind = devices.kind
         if on_cpu and kind == "cuda":
             raise ValueError(f"engine={engine!r}, precision={precision!r} run on the CPU: use device='cpu'")
         if kind == "auto":
             kind = "cuda" if _C.cuda_device_count() > 0 and not on_cpu else "cpu"
         target: dict[str, Any] = {"engine": "onnx"}
         if kind == "cuda":
-            check_cuda(index)
-            target = _gpu_target(index, common) if engine == "auto" else target
+            for index in devices.indices:
+                check_cuda(index)
+            if engine == "auto":  # several GPUs: chosen on the first
+                target = _gpu_target(devices.indices[0], common)
             if target["engine"] == "torch":
                 return cls.from_open_clip(
                     model,
@@ -180,7 +182,7 @@ class Encoder:
         pretrained: str | None = None,
         random_weights: bool = False,
         image_size: int | None = None,
-        device: str = "auto",
+        device: str | Sequence[str] = "auto",
         precision: str = "fp32",
         **options: Any,
     ) -> Encoder:
@@ -202,7 +204,7 @@ class Encoder:
     @classmethod
     def from_engine(
         cls,
-        image: _C.Engine,
+        image: _C.Engine | Sequence[_C.Engine],
         spec: PreprocessSpec,
         *,
         text: _C.Engine | None = None,
@@ -213,11 +215,15 @@ class Encoder:
         **options: Any,
     ) -> Encoder:
         """An Encoder over engines of your own (``_C.Engine`` subclasses or ``_C.TrtEngine``): the
-        image engine takes ``[B, 3, S, S]`` (S = ``spec.size``) and returns ``[B, D]``; ``tokenizer``
-        makes the text engine's token ids (called once, on first use)."""
+        image engine takes ``[B, 3, S, S]`` (S = ``spec.size``) and returns ``[B, D]`` (a list of
+        such engines: one replica each, all on CPU or all on CUDA devices, behind one queue);
+        ``tokenizer`` makes the text engine's token ids (called once, on first use)."""
+        images = (image,) if isinstance(image, _C.Engine) else tuple(image)
+        if not images:
+            raise ValueError("from_engine needs at least one image engine")
         text_engine = (lambda: text) if text is not None else None
-        dim = image.info.outputs[0].shape[1]
-        towers = Towers(image, text_engine, spec, tokenizer, dim, name, logit_scale, logit_bias)
+        dim = images[0].info.outputs[0].shape[1]
+        towers = Towers(images, text_engine, spec, tokenizer, dim, name, logit_scale, logit_bias)
         return cls._over(towers, QueueOptions(**options))
 
     @classmethod
@@ -228,7 +234,7 @@ class Encoder:
 
     def _start(self, towers: Towers, options: QueueOptions) -> None:
         self._towers = towers
-        self._images = ImagePipeline(towers.image, towers.spec, options)
+        self._images = ImagePipeline(towers.images, towers.spec, options)
         self._text_lock = threading.Lock()
         self._text_engine: _C.Engine | None = None
         self._text_runner: _C.EngineRunner | None = None
@@ -249,8 +255,8 @@ class Encoder:
 
     @property
     def device(self) -> str:
-        info = self._towers.image.info
-        return "cpu" if info.device == "cpu" else f"cuda:{info.device_index}"
+        """Where the image engines run: ``"cpu"``, ``"cuda:0"``; several: ``"cuda:0,1"``, ``"cpu,cpu"``."""
+        return device_string(self._towers.images)
 
     @property
     def max_batch(self) -> int:
@@ -258,7 +264,8 @@ class Encoder:
 
     def stats(self) -> dict[str, Any]:
         """The queue's counters: batches run (and failed), images, requests, the largest batch,
-        ``batch_sizes`` ({batch size: batches run}), ``queued_images`` (accepted, not yet running)."""
+        ``batch_sizes`` ({batch size: batches run}), ``queued_images`` (accepted, not yet running),
+        ``replicas`` (per device: ``device``, ``batches``, ``failed_batches``, ``images``)."""
         return dict(self._images.queue.stats())
 
     @property

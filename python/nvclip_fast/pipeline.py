@@ -28,6 +28,7 @@ import numpy as np
 
 from . import _C
 from ._C import EngineError
+from .devices import thread_shares
 from .images import ENCODED, decode, is_torch_tensor
 from .metadata import PreprocessSpec
 
@@ -37,7 +38,8 @@ DECODE_AHEAD_PER_THREAD = 4  # items decoded ahead per thread: the queue stays f
 # (Pillow's 4 bytes and the array's 3 per pixel), hundreds of 640 x 480 ones.
 DEFAULT_DECODE_AHEAD_MB = 512
 # Host staging ring: CPU engines need little (a batch of decoded images); for CUDA engines 0 lets
-# the queue size it for (streams + 1) full batches of 640 x 480 photos (at least 256 MiB).
+# the queue size it for (slots + 1) full batches of 640 x 480 photos (at least 256 MiB), where the
+# slots are ``streams`` per device.
 DEFAULT_STAGING_MB = {"cpu": 64, "cuda": 0}
 # The bulk jobs keep this many batches of images queued ahead of the rows they hand back.
 BATCHES_IN_FLIGHT = 4
@@ -56,9 +58,10 @@ class ItemError(ValueError):
 class QueueOptions:
     """How an Encoder feeds its image engine (its constructors' keyword arguments): ``max_batch``
     images per batch (None: the engine's optimal batch), waiting ``max_delay_ms`` to fill; ``streams``
-    batches in flight; ``staging_mb`` of staging ring (None: 64 MiB for CPU engines; for CUDA
-    engines (streams + 1) full batches of 640 x 480 photos, at least 256 MiB);
-    ``threads`` for decoding and preprocessing (and ONNX Runtime), None = every core;
+    batches in flight per device; ``staging_mb`` of staging ring (None: 64 MiB for CPU engines; for
+    CUDA engines (streams x devices + 1) full batches of 640 x 480 photos, at least 256 MiB);
+    ``threads`` for decoding and preprocessing (and ONNX Runtime), None = every core, split between
+    CPU replicas;
     ``decode_ahead_mb`` of decoded pixels held ahead of the queue, all callers together."""
 
     max_batch: int | None = None
@@ -210,23 +213,27 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 class ImagePipeline:
-    """An Encoder's images: the native queue over its image engine, the decoding threads and the
+    """An Encoder's images: the native queue over its image engines (one replica per device, each
+    with its own preprocessing stage; CPU replicas share ``threads``), the decoding threads and the
     decode-ahead budget all its calls share."""
 
-    def __init__(self, engine: _C.Engine, spec: PreprocessSpec, options: QueueOptions):
-        device = engine.info.device
-        stage = _C.ResizeNormalizeStage(spec._params, device, options.threads or 0)
+    def __init__(self, engines: Sequence[_C.Engine], spec: PreprocessSpec, options: QueueOptions):
+        device = engines[0].info.device
+        shares = thread_shares(options.threads, len(engines))
+        self.stages = [  # one per replica, each with its share of the CPU threads
+            _C.ResizeNormalizeStage(spec._params, e.info.device, n or 0)
+            for e, n in zip(engines, shares, strict=True)
+        ]
         staging_mb = options.staging_mb if options.staging_mb is not None else DEFAULT_STAGING_MB[device]
         self.queue = _C.BatchQueue(
-            engine,
-            stage,
+            list(zip(engines, self.stages, strict=True)),
             max_batch=options.max_batch or 0,
             max_delay_ms=options.max_delay_ms,
             streams=options.streams,
             staging_bytes=staging_mb * MIB,
         )
         self.spec = spec
-        self.dim = engine.info.outputs[0].shape[1]
+        self.dim = engines[0].info.outputs[0].shape[1]
         self.closed = False
         self._threads = options.threads or os.cpu_count() or 1
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="nvclip-decode")

@@ -24,13 +24,13 @@ namespace {
 // the queue's threads may need the GIL (a Python engine, callbacks): release it around teardown.
 class PyBatchQueue {
  public:
-  PyBatchQueue(std::shared_ptr<Engine> engine, std::shared_ptr<PreprocessStage> stage, BatchQueueOptions options) {
+  PyBatchQueue(std::vector<Replica> replicas, BatchQueueOptions options) {
     options.completion_scope = [](const std::function<void()>& run_group) {
       py::gil_scoped_acquire gil;
       run_group();
     };
     py::gil_scoped_release release;  // TensorRT creates execution contexts, CUDA allocates
-    queue_ = std::make_unique<BatchQueue>(std::move(engine), std::move(stage), std::move(options));
+    queue_ = std::make_unique<BatchQueue>(std::move(replicas), std::move(options));
   }
 
   ~PyBatchQueue() {
@@ -123,25 +123,48 @@ void bind_batch_queue(py::module_& m) {
            py::arg("timeout") = py::none(),
            "Wait, then the rows; raises EngineError when the request failed or was cancelled, TimeoutError on timeout.");
 
-  py::class_<PyBatchQueue>(m, "BatchQueue", "Dynamic batching of many callers' images onto one engine.")
-      .def(py::init([](std::shared_ptr<Engine> engine, std::shared_ptr<PreprocessStage> stage, int64_t max_batch,
-                       double max_delay_ms, int32_t streams, size_t staging_bytes, std::string output) {
-             if (!std::isfinite(max_delay_ms) || max_delay_ms < 0) {
-               throw py::value_error("max_delay_ms must be a finite number >= 0, got " + std::to_string(max_delay_ms));
-             }
-             BatchQueueOptions options;
-             options.max_batch = max_batch;
-             options.max_delay = std::chrono::duration_cast<std::chrono::microseconds>(
-                 std::chrono::duration<double, std::milli>(max_delay_ms));
-             options.streams = streams;
-             options.staging_bytes = staging_bytes;
-             options.output = std::move(output);
-             return std::make_unique<PyBatchQueue>(std::move(engine), std::move(stage), std::move(options));
+  // The queue's keyword options, shared by both constructors.
+  const auto make_queue = [](std::vector<Replica> replicas, int64_t max_batch, double max_delay_ms, int32_t streams,
+                             size_t staging_bytes, std::string output) {
+    if (!std::isfinite(max_delay_ms) || max_delay_ms < 0) {
+      throw py::value_error("max_delay_ms must be a finite number >= 0, got " + std::to_string(max_delay_ms));
+    }
+    BatchQueueOptions options;
+    options.max_batch = max_batch;
+    options.max_delay =
+        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::duration<double, std::milli>(max_delay_ms));
+    options.streams = streams;
+    options.staging_bytes = staging_bytes;
+    options.output = std::move(output);
+    return std::make_unique<PyBatchQueue>(std::move(replicas), std::move(options));
+  };
+  const double default_delay_ms = std::chrono::duration<double, std::milli>(kDefaultMaxDelay).count();
+
+  py::class_<PyBatchQueue>(m, "BatchQueue",
+                           "Dynamic batching of many callers' images onto one engine, or onto several replicas "
+                           "(engine + stage, one per device) that share the queue.")
+      .def(py::init([make_queue](std::shared_ptr<Engine> engine, std::shared_ptr<PreprocessStage> stage,
+                                 int64_t max_batch, double max_delay_ms, int32_t streams, size_t staging_bytes,
+                                 std::string output) {
+             return make_queue({{std::move(engine), std::move(stage)}}, max_batch, max_delay_ms, streams,
+                               staging_bytes, std::move(output));
            }),
            py::arg("engine"), py::arg("stage"), py::kw_only(), py::arg("max_batch") = 0,
-           py::arg("max_delay_ms") = std::chrono::duration<double, std::milli>(kDefaultMaxDelay).count(),
-           py::arg("streams") = kDefaultStreams, py::arg("staging_bytes") = 0,
-           py::arg("output") = "")
+           py::arg("max_delay_ms") = default_delay_ms, py::arg("streams") = kDefaultStreams,
+           py::arg("staging_bytes") = 0, py::arg("output") = "")
+      .def(py::init([make_queue](const std::vector<std::pair<std::shared_ptr<Engine>, std::shared_ptr<PreprocessStage>>>&
+                                     pairs,
+                                 int64_t max_batch, double max_delay_ms, int32_t streams, size_t staging_bytes,
+                                 std::string output) {
+             std::vector<Replica> replicas;
+             for (const auto& [engine, stage] : pairs) replicas.push_back({engine, stage});
+             return make_queue(std::move(replicas), max_batch, max_delay_ms, streams, staging_bytes,
+                               std::move(output));
+           }),
+           py::arg("replicas"), py::kw_only(), py::arg("max_batch") = 0, py::arg("max_delay_ms") = default_delay_ms,
+           py::arg("streams") = kDefaultStreams, py::arg("staging_bytes") = 0, py::arg("output") = "",
+           "replicas: [(engine, stage), ...], one per device, running the same model; each gets `streams` slots "
+           "and a batch goes to the first free slot of any of them.")
       .def("submit", &PyBatchQueue::submit, py::arg("images"), py::arg("callback") = py::none(),
            "Queue uint8 images (HWC RGB / HW gray numpy arrays); returns a Request at once (blocks, without "
            "the GIL, while the staging ring is full). callback(request) runs on the completion thread.")
@@ -149,6 +172,15 @@ void bind_batch_queue(py::module_& m) {
            "Finish (or, cancel=True, cancel) queued work and stop the threads; never leaves a request unresolved.")
       .def_property_readonly("closed", [](PyBatchQueue& q) { return q.queue().closed(); })
       .def_property_readonly("device", [](PyBatchQueue& q) { return device_kind_name(q.queue().device()); })
+      .def_property_readonly("devices",
+                             [](PyBatchQueue& q) {
+                               std::vector<std::string> names;
+                               for (size_t r = 0; r < q.queue().replicas(); ++r) {
+                                 names.push_back(q.queue().engine(r).info().device_name());
+                               }
+                               return names;
+                             },
+                             "Each replica's device (\"cpu\", \"cuda:N\"), in the queue's order.")
       .def_property_readonly("max_batch", [](PyBatchQueue& q) { return q.queue().max_batch(); })
       .def_property_readonly("streams", [](PyBatchQueue& q) { return q.queue().streams(); })
       .def_property_readonly("max_delay_ms", [](PyBatchQueue& q) {
@@ -159,11 +191,16 @@ void bind_batch_queue(py::module_& m) {
       .def_property_readonly("output", [](PyBatchQueue& q) { return q.queue().output(); })
       .def("stats", [](PyBatchQueue& q) {
         const BatchQueueStats s = q.queue().stats();
+        py::list replicas;
+        for (const ReplicaStats& r : s.replicas) {
+          replicas.append(py::dict("device"_a = r.device, "batches"_a = r.batches,
+                                   "failed_batches"_a = r.failed_batches, "images"_a = r.images));
+        }
         return py::dict("batches"_a = s.batches, "failed_batches"_a = s.failed_batches, "images"_a = s.images,
                         "cancelled_images"_a = s.cancelled_images, "requests"_a = s.requests,
                         "largest_batch"_a = s.largest_batch, "oversized_images"_a = s.oversized_images,
                         "callback_failures"_a = s.callback_failures, "batch_sizes"_a = s.batch_sizes,
-                        "queued_images"_a = s.queued_images);
+                        "queued_images"_a = s.queued_images, "replicas"_a = replicas);
       })
       .def("__enter__", [](py::object self) { return self; })
       .def("__exit__", [](PyBatchQueue& q, const py::args&) { q.close(false); });

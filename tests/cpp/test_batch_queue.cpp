@@ -722,3 +722,239 @@ TEST_CASE("close_all_closes_every_queue") {
   CHECK((a.queue->closed() && b.queue->closed()));
   CHECK((ra->status() == RequestStatus::kCancelled && rb->status() == RequestStatus::kCancelled));
 }
+
+// ------------------------------------------------------------------------------------------------
+// Replicas: several engines (one per device) behind one queue.
+
+namespace {
+
+// `count` ChannelMeanEngines, each with its own stage, behind one queue.
+struct Replicas {
+  std::vector<std::shared_ptr<ChannelMeanEngine>> engines;
+  std::unique_ptr<BatchQueue> queue;
+
+  Replicas(int count, BatchQueueOptions options) {
+    std::vector<Replica> replicas;
+    for (int r = 0; r < count; ++r) {
+      engines.push_back(std::make_shared<ChannelMeanEngine>(kSize));
+      replicas.push_back({engines.back(), std::make_shared<NearestResizeStage>(kSize, DeviceKind::kCpu)});
+    }
+    queue = std::make_unique<BatchQueue>(std::move(replicas), std::move(options));
+  }
+};
+
+}  // namespace
+
+TEST_CASE("replicas_share_one_queue_and_every_row_finds_its_caller") {
+  // Two replicas with one slot each; their first calls meet (Rendezvous), so both run batches.
+  constexpr int kThreads = 8, kCalls = 20, kMaxImages = 6;
+  Replicas f(2, options(4, milliseconds(1), 1, size_t{64} << 10));
+  Rendezvous meet(2);
+  for (int r = 0; r < 2; ++r) {
+    f.engines[r]->set_hook([&meet, r](const EngineCall&, const float*) {
+      if (!meet.arrive(r)) throw EngineError("the other replica never ran a batch");
+    });
+  }
+  CHECK_EQ(f.queue->replicas(), size_t{2});
+  CHECK_EQ(f.queue->max_batch(), int64_t{4});
+  std::atomic<int> bad{0};
+  std::atomic<int64_t> submitted{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(500 + t);
+      for (int c = 0; c < kCalls; ++c) {
+        const int n = 1 + static_cast<int>(rng() % kMaxImages);
+        std::vector<Image> images;
+        for (int j = 0; j < n; ++j) {
+          images.push_back(uniform_image(1 + int(rng() % 30), 1 + int(rng() % 30), uint8_t(t), uint8_t(c), uint8_t(j)));
+        }
+        auto r = submit_all(*f.queue, images);
+        submitted += n;
+        if (!r->wait_for(kWaitLimit) || r->status() != RequestStatus::kOk) {
+          ++bad;
+          continue;
+        }
+        for (int j = 0; j < n; ++j) bad += row_is(*r, j, t, c, j) ? 0 : 1;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  f.queue->close();
+  CHECK_EQ(bad.load(), 0);
+  const BatchQueueStats s = f.queue->stats();
+  REQUIRE_EQ(s.replicas.size(), size_t{2});
+  uint64_t batches = 0, images = 0;
+  for (size_t r = 0; r < 2; ++r) {
+    const ReplicaStats& replica = s.replicas[r];
+    CHECK_EQ(replica.device, std::string("cpu"));
+    CHECK_MESSAGE(replica.batches > 0, "replica " << r << " ran no batch");
+    CHECK_EQ(replica.batches, static_cast<uint64_t>(f.engines[r]->calls().size()));
+    CHECK_EQ(replica.failed_batches, uint64_t{0});
+    batches += replica.batches;
+    images += replica.images;
+  }
+  CHECK_EQ(batches, s.batches);
+  CHECK_EQ(images, s.images);
+  CHECK_EQ(s.images, static_cast<uint64_t>(submitted.load()));
+  CHECK_EQ(s.requests, static_cast<uint64_t>(kThreads * kCalls));
+}
+
+TEST_CASE("a_failing_replica_fails_only_its_batches") {
+  // Replica 1's engine fails every batch (a lost device); replica 0 keeps serving. A request fails
+  // exactly when one of its images ran on replica 1, and says which replica failed.
+  constexpr int kThreads = 6, kCalls = 15;
+  Replicas f(2, options(3, milliseconds(1), 1));
+  Rendezvous meet(2);
+  std::mutex mutex;
+  std::set<std::pair<int, int>> on_failed_replica;  // (thread, call) of every image replica 1 got
+  f.engines[0]->set_hook([&meet](const EngineCall&, const float*) {
+    if (!meet.arrive(0)) throw EngineError("replica 1 never ran a batch");
+  });
+  f.engines[1]->set_hook([&](const EngineCall& call, const float* rows) {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      for (int64_t i = 0; i < call.batch; ++i) {
+        on_failed_replica.insert({int(std::lround(rows[i * kOutDim])), int(std::lround(rows[i * kOutDim + 1]))});
+      }
+    }
+    meet.arrive(1);
+    throw EngineError("device lost");
+  });
+  struct Outcome {
+    int t, c, n;
+    std::shared_ptr<Request> request;
+  };
+  std::vector<Outcome> outcomes;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(31 + t);
+      for (int c = 0; c < kCalls; ++c) {
+        const int n = 1 + static_cast<int>(rng() % 3);
+        std::vector<Image> images;
+        for (int j = 0; j < n; ++j) images.push_back(uniform_image(3, 3, uint8_t(t), uint8_t(c), uint8_t(j)));
+        auto r = submit_all(*f.queue, images);
+        std::lock_guard<std::mutex> lock(mutex);
+        outcomes.push_back({t, c, n, r});
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (const auto& o : outcomes) wait_resolved(*o.request);
+  std::lock_guard<std::mutex> lock(mutex);
+  int failed = 0;
+  for (const auto& o : outcomes) {
+    if (on_failed_replica.count({o.t, o.c}) > 0) {
+      ++failed;
+      CHECK_MESSAGE(o.request->status() == RequestStatus::kFailed, "request (" << o.t << ", " << o.c << ") ran on replica 1");
+      CHECK_MESSAGE(o.request->error().find("failed on replica 1 (cpu): engine failed: device lost") != std::string::npos,
+                    o.request->error());
+    } else {
+      CHECK_MESSAGE(o.request->status() == RequestStatus::kOk, "request (" << o.t << ", " << o.c << "): " << o.request->error());
+      for (int j = 0; j < o.n; ++j) CHECK(row_is(*o.request, j, o.t, o.c, j));
+    }
+  }
+  CHECK(failed > 0);
+  CHECK(failed < static_cast<int>(outcomes.size()));
+  const BatchQueueStats s = f.queue->stats();
+  CHECK(s.replicas[0].batches > 0);
+  CHECK_EQ(s.replicas[0].failed_batches, uint64_t{0});
+  CHECK(s.replicas[1].batches > 0);
+  CHECK_EQ(s.replicas[1].failed_batches, s.replicas[1].batches);
+  CHECK_EQ(s.failed_batches, s.replicas[1].batches);
+}
+
+TEST_CASE("replicas_must_run_the_same_model") {
+  class NoopEngine final : public Engine {
+   public:
+    explicit NoopEngine(EngineInfo i) : Engine(std::move(i)) {}
+    void enqueue(const EngineCall&) override {}
+  };
+  const auto stage = [](int32_t size) { return std::make_shared<NearestResizeStage>(size, DeviceKind::kCpu); };
+  auto a = std::make_shared<ChannelMeanEngine>(kSize), b = std::make_shared<ChannelMeanEngine>(kSize, BatchProfile{1, 4, 16});
+  CHECK_THROWS_CONTAINING(BatchQueue(std::vector<Replica>{}, options(4)), std::invalid_argument, "at least one replica");
+  CHECK_THROWS_CONTAINING(BatchQueue({{a, stage(kSize)}, {b, nullptr}}, options(4)), std::invalid_argument,
+                          "replica 1: preprocess stage is null");
+  CHECK_THROWS_CONTAINING(BatchQueue({{a, stage(kSize)}, {b, stage(16)}}, options(4)), std::invalid_argument,
+                          "replica 1: engine input pixels: float32[-1, 3, 8, 8] does not match the preprocess stage");
+  CHECK_THROWS_CONTAINING(BatchQueue({{a, stage(kSize)}, {std::make_shared<ChannelMeanEngine>(16), stage(16)}}, options(4)),
+                          std::invalid_argument, "replica 1 (cpu) and replica 0 (cpu) take different inputs");
+  EngineInfo wide = channel_mean_info(kSize, {1, 8, 64});
+  wide.outputs[0].shape = {-1, kOutDim + 1};
+  CHECK_THROWS_CONTAINING(BatchQueue({{a, stage(kSize)}, {std::make_shared<NoopEngine>(wide), stage(kSize)}}, options(4)),
+                          std::invalid_argument, "return different rows (embeds: float32[-1, 5] vs embeds: float32[-1, 4])");
+  CHECK_THROWS_CONTAINING(BatchQueue({{a, stage(kSize)}, {a, stage(kSize)}}, options(4)), std::invalid_argument,
+                          "replica 1 (cpu) has the same engine as replica 0");
+  CHECK_THROWS_CONTAINING(BatchQueue({{a, stage(kSize)}, {b, stage(kSize)}}, options(32)), std::invalid_argument,
+                          "max_batch must be in [1, 16] (the smallest of the replicas' batch profiles allows up to 16)");
+  if (NVCLIP_WITH_CUDA) {  // checked before any CUDA slot is made: no device needed
+    EngineInfo cuda = channel_mean_info(kSize, {1, 8, 64});
+    cuda.device = DeviceKind::kCuda;
+    CHECK_THROWS_CONTAINING(
+        BatchQueue({{a, stage(kSize)}, {std::make_shared<NoopEngine>(cuda), std::make_shared<NearestResizeStage>(kSize, DeviceKind::kCuda)}},
+                   options(4)),
+        std::invalid_argument, "replica 1 (cuda:0) and replica 0 (cpu) run on different kinds of device");
+  }
+  // None of the refused queues kept an engine; the default batch is the smallest optimal one.
+  BatchQueue queue({{a, stage(kSize)}, {b, stage(kSize)}}, options(0));
+  CHECK_EQ(queue.max_batch(), int64_t{4});
+  CHECK_EQ(queue.streams(), 2);
+  const std::vector<Image> images = red_ramp(9, 3);
+  auto r = submit_all(queue, images);
+  wait_resolved(*r);
+  for (int i = 0; i < 9; ++i) CHECK(row_is(*r, i, i, 0, 0));
+}
+
+TEST_CASE("a_replica_that_cannot_attach_releases_the_others") {
+  // Replica 1's engine already serves another queue: the new queue is refused and replica 0's
+  // engine is left free for the next one.
+  auto a = std::make_shared<ChannelMeanEngine>(kSize), b = std::make_shared<ChannelMeanEngine>(kSize);
+  auto stage = std::make_shared<NearestResizeStage>(kSize, DeviceKind::kCpu);
+  BatchQueue holder(b, stage, options(4));
+  CHECK_THROWS_CONTAINING(BatchQueue({{a, stage}, {b, stage}}, options(4)), EngineError, "already serves a BatchQueue");
+  BatchQueue again(a, stage, options(4));
+  Image image = uniform_image(2, 2, 4, 5, 6);
+  auto r = again.submit(&image.view, 1);
+  wait_resolved(*r);
+  CHECK(row_is(*r, 0, 4, 5, 6));
+}
+
+TEST_CASE("an_idle_replica_gets_a_batch_before_a_busy_replicas_second_slot") {
+  // Two replicas with two slots each, batches of one image. The first batch goes to replica 0 (a tie:
+  // every slot is idle once the queue is made) and its engine holds it: every later batch goes to
+  // replica 1 (fewer batches in flight), never to replica 0's free second slot.
+  Replicas f(2, options(1, milliseconds(0), 2));
+  std::mutex mutex;
+  std::condition_variable cv;
+  bool entered = false, go = false;
+  f.engines[0]->set_hook([&](const EngineCall&, const float*) {
+    std::unique_lock<std::mutex> lock(mutex);
+    if (entered) return;  // a later batch on replica 0: counted by the CHECKs below, never held
+    entered = true;
+    cv.notify_all();
+    cv.wait_for(lock, kWaitLimit, [&] { return go; });
+  });
+  const Image first = uniform_image(3, 3, 7, 0, 0);
+  const std::vector<Image> later = red_ramp(10, 3, 100);
+  auto a = f.queue->submit(&first.view, 1);
+  {
+    std::unique_lock<std::mutex> lock(mutex);
+    REQUIRE(cv.wait_for(lock, kWaitLimit, [&] { return entered; }));
+  }
+  std::vector<std::shared_ptr<Request>> requests;
+  for (const auto& image : later) {
+    requests.push_back(f.queue->submit(&image.view, 1));
+    wait_resolved(*requests.back());  // replica 0 still holds its batch
+  }
+  CHECK_EQ(f.engines[0]->calls().size(), size_t{1});
+  CHECK_EQ(f.engines[1]->calls().size(), later.size());
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    go = true;
+  }
+  cv.notify_all();
+  wait_resolved(*a);
+  CHECK(row_is(*a, 0, 7, 0, 0));
+  for (size_t i = 0; i < requests.size(); ++i) CHECK(row_is(*requests[i], 0, 100 + int(i), 0, 0));
+}

@@ -2,7 +2,9 @@
 // kernel writing the engine input (NearestResizeStage, and the real ResizeNormalizeStage), a CUDA
 // engine on the slot's stream, D2H of the rows. Every case needs a device: without one the
 // executable exits 77 (test_main.cpp) and ctest reports the cases skipped.
+#include <algorithm>
 #include <atomic>
+#include <functional>
 #include <random>
 #include <thread>
 
@@ -45,8 +47,10 @@ class CudaChannelMeanEngine final : public Engine {
   explicit CudaChannelMeanEngine(int32_t size, int32_t device = 0) : Engine(cuda_info(size, device)), size_(size) {}
   std::atomic<int> fail_call{-1};  // the call (0-based) to fail, -1: none
   std::atomic<int> calls{0};
+  std::function<void()> before_call;  // set before the engine serves a queue; runs at each call
 
   void enqueue(const EngineCall& call) override {
+    if (before_call) before_call();
     if (calls++ == fail_call) throw EngineError("injected failure");
     const dim3 grid(static_cast<unsigned>(call.batch), 3);
     channel_mean_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(call.stream)>>>(
@@ -171,4 +175,55 @@ TEST_CASE("engine_runner_restores_the_callers_device") {
   CHECK_EQ(current, 0);
   CHECK_EQ(std::lround(rows[0]), 128);  // 0.5 * 255, rounded
   CHECK_EQ(rows[kBatchColumn], 1.0f);
+}
+
+TEST_CASE("cuda_replicas_on_every_device") {
+  // One replica per CUDA device (two on device 0 where there is only one), each with its own stage
+  // and slot; their first calls meet, so every replica runs a batch. Rows reach their callers
+  // whichever device ran them, and the stats name each replica's device.
+  const int devices = cuda_device_count();
+  const int count = std::max(devices, 2);
+  Rendezvous meet(count);
+  std::vector<std::shared_ptr<CudaChannelMeanEngine>> engines;
+  std::vector<Replica> replicas;
+  for (int r = 0; r < count; ++r) {
+    engines.push_back(std::make_shared<CudaChannelMeanEngine>(kSize, r % devices));
+    engines.back()->before_call = [&meet, r] {
+      if (!meet.arrive(r)) throw EngineError("the other replicas never ran a batch");
+    };
+    replicas.push_back({engines.back(), std::make_shared<NearestResizeStage>(kSize, DeviceKind::kCuda)});
+  }
+  BatchQueueOptions o = options(8, 64 << 10);
+  o.streams = 1;
+  BatchQueue queue(std::move(replicas), o);
+  std::atomic<int> bad{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(100 + t);
+      for (int c = 0; c < 20; ++c) {
+        const int n = 1 + static_cast<int>(rng() % 6);
+        std::vector<Image> images;
+        for (int j = 0; j < n; ++j) images.push_back(uniform_image(1 + int(rng() % 50), 1 + int(rng() % 50), uint8_t(t), uint8_t(c), uint8_t(j)));
+        std::vector<ImageView> views;
+        for (const auto& image : images) views.push_back(image.view);
+        auto r = queue.submit(views.data(), n);
+        if (!r->wait_for(kWaitLimit) || r->status() != RequestStatus::kOk) {
+          ++bad;
+          continue;
+        }
+        for (int j = 0; j < n; ++j) bad += row_is(*r, j, t, c, j) ? 0 : 1;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  queue.close();
+  CHECK_EQ(bad.load(), 0);
+  const BatchQueueStats s = queue.stats();
+  REQUIRE_EQ(s.replicas.size(), static_cast<size_t>(count));
+  for (int r = 0; r < count; ++r) {
+    CHECK_EQ(s.replicas[r].device, "cuda:" + std::to_string(r % devices));
+    CHECK_MESSAGE(s.replicas[r].batches > 0, "replica " << r << " ran no batch");
+    CHECK_EQ(s.replicas[r].batches, static_cast<uint64_t>(engines[r]->calls.load()));
+  }
 }

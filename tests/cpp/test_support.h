@@ -9,11 +9,14 @@
 
 #include <doctest/doctest.h>
 
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <mutex>
 #include <ostream>  // doctest prints checked values (thread ids, pointers) with it
+#include <set>
 #include <string>
 #include <vector>
 
@@ -86,6 +89,29 @@ class ChannelMeanEngine final : public nvclip::Engine {
   mutable std::mutex mutex_;
   std::vector<int64_t> calls_;  // rows of every call, in call order
   Hook hook_;
+};
+
+// Holds the first engine call of each of `parties` replicas until every one of them has made one: with
+// one slot per replica, a batch formed meanwhile can only go to a replica that is still free, so
+// every replica runs a batch (deterministically, whatever the scheduling).
+class Rendezvous {
+ public:
+  explicit Rendezvous(int parties) : parties_(parties) {}
+
+  // Party `who`'s engine call: blocks on its first one until all have arrived. False if they did
+  // not within a minute (the test then fails instead of hanging).
+  bool arrive(int who) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (!arrived_.insert(who).second) return true;
+    cv_.notify_all();
+    return cv_.wait_for(lock, std::chrono::seconds(60), [&] { return static_cast<int>(arrived_.size()) == parties_; });
+  }
+
+ private:
+  const int parties_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::set<int> arrived_;
 };
 
 // A uniform image; keeps its pixels.
