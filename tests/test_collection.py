@@ -22,9 +22,9 @@ from nvclip_fast.collection import (
     Collection,
     CollectionError,
     encoder_provenance,
-    read_item,
 )
 from nvclip_fast.provenance import ProvenanceError
+from nvclip_fast.sources import read_id, source_id
 
 DIM = 24
 # Exact search computes the same float32 dot products as numpy, in BLAS blocks of another shape:
@@ -163,7 +163,7 @@ def test_parts_of_another_model_and_bad_files_are_refused(tmp_path):
         Collection.open(cut)
 
 
-def test_read_item_reads_files_and_tar_members_and_nothing_else(tmp_path):
+def test_read_id_reads_files_and_tar_members_and_nothing_else(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"file bytes")
     shard = tmp_path / "s::x.tar"  # the separator inside the tar's own name
     with tarfile.open(shard, "w") as tar:
@@ -171,17 +171,17 @@ def test_read_item_reads_files_and_tar_members_and_nothing_else(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    assert read_item(str(tmp_path / "a.jpg")) == b"file bytes"
-    assert read_item(f"{shard}::dir/k2.png") == b"member two"
+    assert read_id(source_id(tmp_path / "a.jpg")) == b"file bytes"
+    assert read_id(source_id(shard, "dir/k2.png")) == b"member two"
     with pytest.raises(FileNotFoundError, match=r"no member 'nope\.jpg'"):
-        read_item(f"{shard}::nope.jpg")
+        read_id(source_id(shard, "nope.jpg"))
     with pytest.raises(OSError, match="over the limit of 4"):
-        read_item(f"{shard}::k1.jpg", max_bytes=4)
+        read_id(source_id(shard, "k1.jpg"), max_bytes=4)
     os.mkfifo(tmp_path / "pipe.jpg")
     with pytest.raises(OSError, match="not a regular file"):
-        read_item(str(tmp_path / "pipe.jpg"))  # refused, never opened (opening a FIFO blocks)
+        read_id(str(tmp_path / "pipe.jpg"))  # refused, never opened (opening a FIFO blocks)
     with pytest.raises(FileNotFoundError, match="no such file"):
-        read_item(str(tmp_path / "gone.jpg"))
+        read_id(str(tmp_path / "gone.jpg"))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ listed with its reason, atomic outputs, resume after Ctrl-C."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -29,7 +30,9 @@ from PIL import Image  # noqa: E402
 import nvclip_fast as nf  # noqa: E402
 import tiny_models  # noqa: E402
 from nvclip_fast import cli  # noqa: E402
-from nvclip_fast.outputs import read_output  # noqa: E402
+from nvclip_fast.outputs import Checkpoint, read_ids, read_output, read_provenance  # noqa: E402
+from nvclip_fast.provenance import Provenance  # noqa: E402
+from nvclip_fast.sources import read_id, source_id  # noqa: E402
 
 MAX_BATCH = 8
 # Rows of the same image through the CLI and through Encoder.embed run the same graph on the same
@@ -136,12 +139,8 @@ def _encoded(image: Image.Image, name: str) -> bytes:
 
 
 def _reference(encoder, image_id: str) -> np.ndarray:
-    """Encoder.embed on the same file (or the tar member's bytes)."""
-    if "::" in image_id:
-        tar_path, member = image_id.split("::")
-        with tarfile.open(tar_path) as tar:
-            return encoder.embed([tar.extractfile(member).read()])[0]
-    return encoder.embed([image_id])[0]
+    """Encoder.embed on the bytes the id names (a file, or a tar member)."""
+    return encoder.embed([read_id(image_id)])[0]
 
 
 # --- embed ------------------------------------------------------------------------------------------
@@ -165,7 +164,7 @@ def test_messy_folder_to_parquet(bundle, encoder, messy, tmp_path, capsys):
     sizes = dict(zip(rows.ids, zip(rows.widths.tolist(), rows.heights.tolist(), strict=True), strict=True))
     assert sizes[str(root / "a_photos" / "rotated.jpg")] == (80, 30)  # as stored: no EXIF rotation
     assert sizes[str(root / "a_photos" / "deep16.png")] == (50, 30)
-    errors = [json.loads(line) for line in (tmp_path / "emb.errors.jsonl").read_text().splitlines()]
+    errors = [json.loads(line) for line in (tmp_path / "emb.parquet.errors.jsonl").read_text().splitlines()]
     assert {e["path"] for e in errors} == set(bad)
     for e in errors:
         assert re.search(bad[e["path"]], e["error"]), e
@@ -183,13 +182,13 @@ def test_npy_output_float16_and_python_api(encoder, messy, tmp_path):
     assert summary.ok
     assert (summary.total, summary.embedded, summary.failed) == (len(good), len(good), 0)
     in_input_order = good[2:] + good[:2]  # the folder, then the shard
-    paths = (tmp_path / "emb.paths.txt").read_text().splitlines()
+    paths = read_ids(tmp_path / "emb.npy.ids.jsonl")
     assert paths == in_input_order
     embeddings = np.load(out)
     assert embeddings.dtype == np.float16
     assert embeddings.shape == (len(good), encoder.dim)
     np.testing.assert_allclose(embeddings[0], _reference(encoder, paths[0]), atol=2e-3)  # float16 storage
-    assert (tmp_path / "emb.errors.jsonl").read_text() == ""
+    assert not (tmp_path / "emb.npy.errors.jsonl").exists()  # nothing failed: no error file
 
 
 def test_all_good_exits_zero_and_lists_dedupe(bundle, messy, tmp_path):
@@ -254,7 +253,7 @@ def test_sigint_leaves_no_output_and_resume_embeds_only_the_rest(bundle, encoder
     assert proc.returncode == cli.EXIT_INTERRUPTED, err
     assert "interrupted" in err
     assert not out.exists()  # no partial output
-    assert not (tmp_path / "emb.errors.jsonl").exists()
+    assert not (tmp_path / "emb.parquet.errors.jsonl").exists()
     assert list(checkpoint.glob("chunk-*.npz"))
 
     resumed = subprocess.run([*argv, "--resume"], capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
@@ -341,10 +340,10 @@ def test_classify_cli_writes_top_k(bundle, encoder, messy, tmp_path):
 
 
 def test_classify_argument_errors(encoder):
-    with pytest.raises(ValueError, match="has no"):
-        encoder.classify([np.zeros((4, 4, 3), np.uint8)], ["cat"], ["a photo"])
+    with pytest.raises(ValueError, match=r"expected exactly one '\{\}' for the label, found none"):
+        encoder.classify([np.zeros((5, 5, 3), np.uint8)], ["cat"], ["a photo"])
     with pytest.raises(ValueError, match="labels is empty"):
-        encoder.classify([np.zeros((4, 4, 3), np.uint8)], [])
+        encoder.classify([np.zeros((5, 5, 3), np.uint8)], [])
 
 
 def test_resume_with_other_inputs_keeps_one_row_per_image(encoder, messy, tmp_path):
@@ -355,7 +354,7 @@ def test_resume_with_other_inputs_keeps_one_row_per_image(encoder, messy, tmp_pa
         [root / "c_shard.tar", root / "a_photos" / "gray.png"], encoder, out, resume=True, progress=False
     )
     assert (summary.embedded, summary.resumed) == (2, 1)
-    ids = (tmp_path / "emb.paths.txt").read_text().splitlines()
+    ids = read_ids(tmp_path / "emb.npy.ids.jsonl")
     assert len(ids) == len(set(ids)) == len(good)  # nothing lost, nothing twice
     # the inputs given now first, in their order; rows of earlier inputs after them
     assert ids[:3] == [*good[:2], str(root / "a_photos" / "gray.png")]
@@ -385,7 +384,7 @@ def test_resume_refuses_another_model(bundle, messy, tmp_path, capsys):
         ]
     )
     assert code == cli.EXIT_USAGE
-    assert "holds rows with dtype='float32'" in capsys.readouterr().err
+    assert "dtype differs: 'float32' vs 'float16'" in capsys.readouterr().err
 
 
 class ScaledEngine(nf._C.Engine):
@@ -450,3 +449,301 @@ def test_job_rows_equal_encoder_embed_for_unnormalized_engines(messy, tmp_path):
 def test_classify_files_checks_top_k(encoder, messy):
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         nf.classify_files([messy[0]], encoder, ["a"], top_k=0)
+
+
+# --- integrity: provenance, ids, duplicates, existing outputs --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundle_b(tmp_path_factory):
+    """The same architecture as ``bundle`` with other weights."""
+    tmp = tmp_path_factory.mktemp("bundle_b")
+    checkpoint = tiny_models.save_checkpoint(tiny_models.random_model("tiny-clip", seed=9), tmp / "w.pt")
+    nf.export("tiny-clip", tmp / "tinyB.onnx", weights=checkpoint, max_batch=MAX_BATCH, quiet=True)
+    return tmp / "tinyB.onnx"
+
+
+def _embed_cli(*args) -> int:
+    return cli.main(["embed", *map(str, args), "--no-progress"])
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".npy"])
+def test_every_output_records_its_provenance(bundle, encoder, messy, tmp_path, suffix):
+    root, _, _ = messy
+    out = tmp_path / f"emb{suffix}"
+    assert _embed_cli(root / "a_photos", "-m", bundle, "-o", out, "--dtype", "float16") == cli.EXIT_OK
+    stored = read_provenance(out)
+    sidecar = nf.metadata.load(bundle.with_suffix(".json"))
+    assert stored.model == "tiny-clip"
+    assert stored.weights_sha256 == sidecar.weights.sha256
+    assert stored.engine_sha256 is None
+    assert stored.preprocess == json.loads(json.dumps(dataclasses.asdict(encoder.spec)))
+    assert (stored.embed_dim, stored.precision, stored.normalized, stored.dtype) == (
+        32,
+        "fp32",
+        True,
+        "float16",
+    )
+    assert stored.version == nf.__version__
+    assert stored.created
+    assert stored.source == {"bundle": str(bundle.with_suffix(".json").resolve())}
+    if suffix == ".parquet":
+        raw = pa_parquet.read_schema(out).metadata[b"nvclip_fast"]
+    else:
+        raw = (tmp_path / "emb.npy.provenance.json").read_bytes()
+    assert Provenance.from_json(raw) == stored
+
+
+def test_resume_refuses_other_weights_of_the_same_architecture(bundle, bundle_b, messy, tmp_path, capsys):
+    root, _, _ = messy
+    out = tmp_path / "mix.parquet"
+    assert _embed_cli(root / "a_photos", "-m", bundle, "-o", out) == cli.EXIT_OK
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert _embed_cli(root, "-m", bundle_b, "-o", out, "--resume") == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert "weights_sha256 differs" in err
+    assert len(err.splitlines()) == 1
+    assert out.read_bytes() == before  # nothing mixed in
+
+
+def test_resume_refuses_an_interrupted_run_of_other_weights(
+    bundle, bundle_b, encoder, messy, tmp_path, capsys
+):
+    root, good, _ = messy
+    out = tmp_path / "mix.npy"
+    checkpoint = Checkpoint(out)  # what an interrupted run of bundle leaves
+    checkpoint.start(encoder.provenance())
+    from nvclip_fast.embed_files import _rows
+    from nvclip_fast.pipeline import Item
+
+    item = Item(0, size=(4, 4))
+    item.row = np.ones(encoder.dim, np.float32)
+    checkpoint.append(_rows([(good[2], item)], "float32"))
+    assert _embed_cli(root, "-m", bundle_b, "-o", out, "--resume") == cli.EXIT_USAGE
+    assert "weights_sha256 differs" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_engines_without_known_weights_are_told_apart_by_their_digest(bundle, tmp_path):
+    copies = []
+    for name, seed in (("x", 1), ("y", 2)):
+        folder = tmp_path / name
+        folder.mkdir()
+        checkpoint = tiny_models.save_checkpoint(
+            tiny_models.random_model("tiny-clip", seed=seed), folder / "w.pt"
+        )
+        nf.export(
+            "tiny-clip", folder / "m.onnx", weights=checkpoint, max_batch=MAX_BATCH, quiet=True, text=False
+        )
+        (folder / "m.json").unlink()  # an engine from elsewhere: no sidecar, so no weights sha256
+        copies.append(folder / "m.onnx")
+    with pytest.warns(UserWarning, match="no sidecar"):
+        first, second = (nf.Encoder(path, device="cpu") for path in copies)
+    with first, second:
+        a, b = first.provenance(), second.provenance()
+    assert a.weights_sha256 is None
+    assert len(a.engine_sha256) == 64
+    assert a.mismatch(b) is not None
+    assert a.mismatch(b).startswith("engine_sha256 differs")
+
+
+def test_npy_ids_stay_aligned_with_line_breaks_in_names(encoder, tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    names = ["x\ny.png", "z.png", "a\rb.png", "c\u2028d.png", "e\x85f.png", "plain.png"]
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(folder / name)
+    out = tmp_path / "o.npy"
+    assert nf.embed_files(folder, encoder, out, progress=False).ok
+    ids = read_ids(tmp_path / "o.npy.ids.jsonl")
+    assert sorted(ids) == sorted(str(folder / n) for n in names)
+    np.testing.assert_allclose(np.load(out), encoder.embed(ids), atol=ROW_ATOL)  # each row is its file's
+
+
+def test_distinct_names_are_never_merged_and_duplicates_are_listed(encoder, tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    rng = np.random.default_rng(6)
+    for name in (b"a\xff.png", b"a\\xff.png"):  # not UTF-8, and a name that spells its old id
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(folder / os.fsdecode(name))
+    shard = folder / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for _ in range(2):  # the same member name twice: two members
+            data = _encoded(Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)), "m.png")
+            info = tarfile.TarInfo("m.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "o.parquet"
+    twice = folder / os.fsdecode(b"a\xff.png")
+    summary = nf.embed_files([folder, twice], encoder, out, progress=False)
+    assert (summary.total, summary.embedded, summary.duplicates, summary.failed) == (4, 4, 1, 0)
+    rows = read_output(out)
+    assert len(set(rows.ids)) == 4
+    np.testing.assert_allclose(rows.embeddings, encoder.embed([read_id(i) for i in rows.ids]), atol=ROW_ATOL)
+    listed = [json.loads(line) for line in (tmp_path / "o.parquet.errors.jsonl").read_text().splitlines()]
+    assert listed == [{"path": source_id(twice), "error": "duplicate"}]
+    assert source_id(twice).endswith("a\\xff.png")
+    assert "1 duplicate inputs skipped" in summary.line()
+
+
+def test_an_existing_output_is_refused_unless_overwrite_or_resume(bundle, messy, tmp_path, capsys):
+    root, _, _ = messy
+    out = tmp_path / "emb.parquet"
+    assert _embed_cli(root / "a_photos", "-m", bundle, "-o", out) == cli.EXIT_OK
+    before = read_output(out).ids
+    assert _embed_cli(root / "a_photos" / "gray.png", "-m", bundle, "-o", out) == cli.EXIT_USAGE
+    assert "exists: pass --overwrite" in capsys.readouterr().err
+    assert read_output(out).ids == before  # untouched
+    assert _embed_cli(root / "a_photos" / "gray.png", "-m", bundle, "-o", out, "--overwrite") == cli.EXIT_OK
+    assert read_output(out).ids == [str(root / "a_photos" / "gray.png")]
+    with pytest.raises(SystemExit) as refused:  # argparse: the two exclude each other
+        cli.main(["embed", str(root), "-m", str(bundle), "-o", str(out), "--resume", "--overwrite"])
+    assert refused.value.code == cli.EXIT_USAGE
+
+
+def test_an_interrupted_runs_rows_are_not_discarded_silently(encoder, messy, tmp_path):
+    root, _, _ = messy
+    out = tmp_path / "emb.parquet"
+    Checkpoint(out).start(encoder.provenance())
+    with pytest.raises(FileExistsError, match=r"emb.parquet.inprogress exists"):
+        nf.embed_files(root / "a_photos", encoder, out, progress=False)
+    assert nf.embed_files(root / "a_photos", encoder, out, progress=False, overwrite=True).ok
+
+
+def test_one_path_is_one_input_and_an_empty_folder_writes_nothing(encoder, messy, tmp_path, capsys):
+    root, _, _ = messy
+    summary = nf.embed_files(str(root / "a_photos"), encoder, tmp_path / "one.npy", progress=False)
+    assert (summary.total, summary.failed) == (7, 0)  # the folder, not its name's characters
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no image here")
+    out = tmp_path / "e.parquet"
+    assert _embed_cli(empty, "-m", tmp_path / "no_model.onnx", "-o", out) == cli.EXIT_USAGE
+    assert "no images found" in capsys.readouterr().err  # said before any model is opened
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "empty",
+        "one.npy",
+        "one.npy.ids.jsonl",
+        "one.npy.provenance.json",
+    ]
+
+
+def test_errors_name_the_path_or_tar_member(encoder, tmp_path):
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in [
+            ("good.png", _encoded(Image.new("RGB", (9, 9)), "x.png")),
+            ("bad.png", b"not a png"),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    summary = nf.embed_files(shard, encoder, tmp_path / "o.npy", progress=False)
+    (line,) = (tmp_path / "o.npy.errors.jsonl").read_text().splitlines()
+    error = json.loads(line)
+    assert summary.failed == 1
+    assert error["path"] == f"{shard}::bad.png"
+    assert error["error"] == f"cannot decode '{shard}::bad.png': not an image, or a format Pillow cannot read"
+
+
+def _png_with_idat(pixels: np.ndarray, damage: str) -> bytes:
+    """A PNG whose IDAT chunk has its CRC or its data damaged (the CRC then recomputed to match)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=0)
+    data = bytearray(buf.getvalue())
+    at = data.index(b"IDAT")
+    length = struct.unpack(">I", data[at - 4 : at])[0]
+    crc_at = at + 4 + length
+    if damage == "crc":
+        data[crc_at] ^= 0xFF
+    else:
+        data[at + 4 + length // 2] ^= 0x01
+        data[crc_at : crc_at + 4] = struct.pack(">I", zlib.crc32(bytes(data[at : at + 4 + length])))
+    return bytes(data)
+
+
+def test_a_png_with_a_bad_idat_crc_embeds_and_damaged_pixels_fail(encoder):
+    # Pillow (so open_clip) does not check IDAT CRCs; the pixels are still checked by zlib's
+    # Adler-32. A CRC-only error changes no pixel: embedded as open_clip does. Damaged image data
+    # fails whatever its CRC says.
+    pixels = np.random.default_rng(8).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    rows = encoder.embed(
+        [_png_with_idat(pixels, "crc"), pixels, _png_with_idat(pixels, "data")], on_error="nan"
+    )
+    np.testing.assert_array_equal(rows[0], rows[1])
+    assert np.isnan(rows[2]).all()
+    with pytest.raises(nf.ItemError, match=r"images\[0\]: cannot decode .*broken data stream"):
+        encoder.embed([_png_with_idat(pixels, "data")])
+
+
+# --- untrusted files: one line naming the file and the problem, exit 2 ------------------------------
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_classify_with_a_bad_template_is_one_line(bundle, messy, capsys):
+    root, _, _ = messy
+    argv = ["classify", str(root / "a_photos"), "-m", str(bundle), "--labels", "cat,dog", "--no-progress"]
+    assert cli.main([*argv, "--template", "{x} {}"]) == cli.EXIT_USAGE
+    assert (
+        "template '{x} {}': expected exactly one '{}' for the label, found ['{x}', '{}']"
+        in _one_error_line(capsys)
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("[" * 200_000 + "]" * 200_000, "is not a sidecar: JSON nested too deeply"),
+        (b"\xff\xfe{", "is not UTF-8 text"),
+        (
+            "towers.image.onnx=/etc/passwd",
+            "towers.image.onnx: expected a file name inside the bundle's folder",
+        ),
+        (
+            "tokenizer.vocab=../../etc/passwd",
+            "tokenizer.vocab: expected a file name inside the bundle's folder",
+        ),
+        ("logit_scale=1e308", "logit_scale: expected a number in (0, 10000], got 1e+308"),
+    ],
+)
+def test_a_hostile_sidecar_is_one_line(bundle, messy, tmp_path, capsys, content, problem):
+    root, _, _ = messy
+    for f in bundle.parent.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    sidecar = tmp_path / "tiny.json"
+    sidecar.unlink()
+    if isinstance(content, bytes):
+        sidecar.write_bytes(content)
+    elif "=" in content:
+        keys, value = content.split("=")
+        meta = json.loads(bundle.with_suffix(".json").read_text())
+        *path, last = keys.split(".")
+        target = meta
+        for key in path:
+            target = target[key]
+        target[last] = float(value) if value[0].isdigit() else value
+        sidecar.write_text(json.dumps(meta))
+    else:
+        sidecar.write_text(content)
+    code = cli.main(
+        ["embed", str(root / "a_photos"), "-m", str(sidecar), "-o", str(tmp_path / "o.npy"), "--no-progress"]
+    )
+    assert code == cli.EXIT_USAGE
+    line = _one_error_line(capsys)
+    assert problem in line, line
+    assert "tiny.json" in line
+
+
+def test_embed_text_says_bytes(encoder):
+    with pytest.raises(
+        TypeError, match=r"texts must be a str or a sequence of str, got bytes \(decode bytes first"
+    ):
+        encoder.embed_text(b"x")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -321,6 +322,26 @@ def test_cli_refuses_without_weights(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # argparse: the three sources exclude each other
         cli.main(["export", "tiny-clip", "-o", str(out), "--random-weights", "--weights", "x.pt"])
     assert e.value.code == cli.EXIT_USAGE
+
+
+def test_unusable_weights_files_are_one_line_and_exit_2(tmp_path, capsys):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(os.urandom(1000))
+    state = tiny_models.random_model("tiny-clip").state_dict()
+    state["visual.proj"] = torch.zeros(5, 7)
+    wrong = tmp_path / "wrong.pt"
+    torch.save(state, wrong)
+    for weights, problem in (
+        (garbage, "not a safetensors file"),
+        (wrong, r"visual.proj \(5, 7\) \(the model's: \(64, 32\)\)"),
+    ):
+        code = cli.main(["export", "tiny-clip", "-o", str(tmp_path / "m.onnx"), "--weights", str(weights)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == cli.EXIT_USAGE
+        assert len(err) == 2
+        assert err[0].startswith("[export")
+        assert weights.name in err[1]
+        assert re.search(problem, err[1]), err[1]
 
 
 @pytest.mark.parametrize(

@@ -441,9 +441,9 @@ def test_embed_text_writes_texts_embeddings_and_provenance(in_shared_cache, tmp_
         provenance = Provenance.from_json(table.schema.metadata[PARQUET_KEY])
     else:
         rows = np.load(out)
-        lines = out.with_name("texts" + embed_text.TEXTS_SUFFIX).read_text(encoding="utf-8").splitlines()
+        lines = out.with_name(out.name + embed_text.TEXTS_SUFFIX).read_text(encoding="utf-8").splitlines()
         assert [json.loads(line) for line in lines] == texts
-        provenance = Provenance.from_json(out.with_name("texts" + embed_text.PROVENANCE_SUFFIX).read_text())
+        provenance = Provenance.from_json(out.with_name(out.name + embed_text.PROVENANCE_SUFFIX).read_text())
     np.testing.assert_allclose(rows, expected, atol=1e-6)
     assert (provenance.model, provenance.embed_dim, provenance.dtype) == (MODEL, 32, "float32")
     assert provenance.source == {"model": MODEL, "random_weights": True, "precision": "fp32"}

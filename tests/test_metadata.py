@@ -128,6 +128,33 @@ def _mutated(path_keys: tuple, value) -> dict:
         (("weights", "sha256"), "xyz", r"weights.sha256: expected 64 lowercase hex digits, got 'xyz'"),
         (("precision",), "int8", r"precision: .*got 'int8'"),
         (("logit_scale",), "100", r"logit_scale: expected a finite number, got '100'"),
+        # Values a sidecar from elsewhere may not take: files outside its folder, numbers out of range.
+        (
+            ("towers", "image", "onnx"),
+            "/etc/passwd",
+            r"towers.image.onnx: expected a file name inside the bundle's folder, got '/etc/passwd'",
+        ),
+        (
+            ("towers", "text", "onnx"),
+            "../elsewhere/m.text.onnx",
+            r"towers.text.onnx: expected a file name inside",
+        ),
+        (("towers", "image", "plan"), "sub/../../m.plan", r"towers.image.plan: expected a file name inside"),
+        (("tokenizer", "vocab"), "/etc/passwd", r"tokenizer.vocab: expected a file name inside"),
+        (
+            ("tokenizer",),
+            {"kind": "hf", "name": "../../home/someone", "context_length": CONTEXT},
+            r"tokenizer.name: expected a tokenizer name such as 'bert-base-uncased', got '\.\./\.\./home",
+        ),
+        (("logit_scale",), 1e308, r"logit_scale: expected a number in \(0, 10000\], got 1e\+308"),
+        (("logit_scale",), -100.0, r"logit_scale: expected a number in \(0, 10000\], got -100.0"),
+        (("logit_bias",), -1e300, r"logit_bias: expected a number in \[-10000, 10000\]"),
+        (
+            ("towers", "image", "batch"),
+            {"min": 1, "opt": 4096, "max": 8192},
+            r"batch.max: expected a number in \[1, 4096\]",
+        ),
+        (("embed_dim",), 1 << 20, r"embed_dim: expected a number in \[1, 65536\]"),
     ],
 )
 def test_invalid_sidecars_name_the_value(tmp_path, path_keys, value, match):
@@ -147,6 +174,22 @@ def test_missing_files_and_bad_json(tmp_path):
         metadata.load(tmp_path / "bad.json")
     with pytest.raises(MetadataError, match=r"cannot read the sidecar"):
         metadata.load(tmp_path / "absent.json")
+
+
+def test_hostile_sidecar_files_are_one_clear_error(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(MetadataError, match=r"deep.json' is not a sidecar: JSON nested too deeply"):
+        metadata.load(deep)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b"\xff\xfe{")
+    with pytest.raises(MetadataError, match=r"latin.json' is not UTF-8 text"):
+        metadata.load(latin)
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as f:
+        f.truncate(metadata.MAX_SIDECAR_BYTES + 1)
+    with pytest.raises(MetadataError, match=r"huge.json' is over \d+ bytes: not a sidecar"):
+        metadata.load(huge)
 
 
 def test_image_only_bundle():

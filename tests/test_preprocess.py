@@ -155,9 +155,10 @@ def test_every_input_kind_gives_the_same_pixels(rgb, expected, tmp_path):
         "path Path": path,
         "bytes": png.getvalue(),
         "bytearray": bytearray(png.getvalue()),
-        "torch CPU": torch.from_numpy(rgb),
-        "torch CPU transposed view": torch.from_numpy(np.ascontiguousarray(rgb.transpose(1, 0, 2))).permute(
-            1, 0, 2
+        "torch CPU (C, H, W)": torch.from_numpy(rgb).permute(2, 0, 1).contiguous(),
+        "torch CPU (C, H, W) view": torch.from_numpy(rgb).permute(2, 0, 1),
+        "torch CPU transposed view": torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 1, 0))).permute(
+            0, 2, 1
         ),
     }
     out = nf.preprocess(list(kinds.values()), SPEC)
@@ -235,12 +236,12 @@ def test_torch_is_not_imported_for_numpy_inputs():
             r"images\[1\]: cannot decode image file '/nonexistent/image.jpg'",
         ),
         (42, TypeError, r"images\[1\]: unsupported image type int"),
-        (Image.new("La", (4, 4)), ValueError, r"images\[1\]: cannot transform a 'La' image"),
+        (Image.new("La", (4, 4)), ValueError, r"images\[1\]: cannot transform the image \(mode 'La'\)"),
     ],
 )
 def test_bad_items_name_their_index(bad, error, message):
     with pytest.raises(error, match=message):
-        nf.preprocess([np.zeros((4, 4, 3), np.uint8), bad], SPEC)
+        nf.preprocess([np.zeros((5, 5, 3), np.uint8), bad], SPEC)
 
 
 def test_truncated_jpeg_names_its_index():
@@ -253,18 +254,18 @@ def test_truncated_jpeg_names_its_index():
 def test_bad_torch_tensor_names_its_index():
     torch = pytest.importorskip("torch")
     with pytest.raises(ValueError, match=r"images\[0\]: expected uint8 pixels, got torch.float32"):
-        nf.preprocess([torch.zeros(4, 4, 3)], SPEC)
+        nf.preprocess([torch.zeros(3, 4, 4)], SPEC)
 
 
 def test_decode_image_errors_can_be_collected_per_item():
-    items = [np.zeros((4, 4, 3), np.uint8), b"junk", np.zeros((4, 4), np.float64), np.zeros((6, 6), np.uint8)]
+    items = [np.zeros((5, 5, 3), np.uint8), b"junk", np.zeros((4, 4), np.float64), np.zeros((6, 6), np.uint8)]
     good, errors = [], {}
     for i, item in enumerate(items):
         try:
             good.append(nf.decode_image(item, i))
         except (ValueError, TypeError) as e:
             errors[i] = str(e)
-    assert [g.shape for g in good] == [(4, 4, 3), (6, 6)]
+    assert [g.shape for g in good] == [(5, 5, 3), (6, 6)]
     assert sorted(errors) == [1, 2]
     assert errors[2].startswith("images[2]: expected uint8")
 
@@ -377,3 +378,110 @@ def test_without_spec_other_modes_are_converted_first():
     np.testing.assert_array_equal(nf.decode_image(rgba), rgba[:, :, :3])
     palette = Image.fromarray(noise(np.random.default_rng(14), 9, 7, 3)).quantize(16)
     np.testing.assert_array_equal(nf.decode_image(palette), np.asarray(palette.convert("RGB")))
+
+
+# ---- extreme aspect ratios: only the kept region is resized, still open_clip's pixels ---------
+
+
+def _extreme(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
+    rgba = Image.fromarray(noise(np.random.default_rng(seed), size[1], size[0], 4), "RGBA")
+    if mode == "P":
+        return rgba.convert("RGB").quantize(64)
+    if mode == "PA":
+        pa = Image.merge("PA", (rgba.convert("P").getchannel(0), rgba.getchannel("A")))
+        pa.putpalette(rgba.convert("P").getpalette())
+        return pa
+    return rgba if mode == "RGBA" else rgba.convert(mode)
+
+
+EXTREME_MODES = ("RGBA", "LA", "P", "1", "CMYK", "YCbCr", "PA", "I;16", "I", "F")
+
+
+@pytest.mark.parametrize("mode", EXTREME_MODES)
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_extreme_aspect_ratios_are_exact_in_every_mode(mode, interpolation):
+    # 32 px keeps open_clip's own full resize (the reference) small: 1 x 9000 -> 32 x 288000.
+    spec = nf.PreprocessSpec(size=32, interpolation=interpolation)
+    for k, size in enumerate([(9000, 1), (1, 9000), (3001, 7), (5, 2000), (333, 1), (40, 23)]):
+        image = _extreme(mode, size, seed=k)
+        assert_exact(spec, nf.preprocess([image], spec)[0], image, f"{mode} {size}")
+
+
+def test_the_full_resize_of_an_extreme_image_is_never_made(monkeypatch):
+    from nvclip_fast import images
+
+    monkeypatch.setattr(images, "MAX_RESIZE_BYTES", 16 << 20)  # far below a 224 x 2240000 full resize
+    spec = nf.PreprocessSpec(size=224)
+    for mode in ("RGBA", "P", "CMYK"):  # resized for the kept region only: no limit reached
+        assert nf.preprocess([_extreme(mode, (10000, 1), seed=1)], spec).shape == (1, 3, 224, 224)
+    with pytest.raises(
+        ValueError, match=r"images\[0\]: .*'I;16' image to 2240000x224 .*limit MAX_RESIZE_BYTES"
+    ):
+        nf.preprocess([_extreme("I;16", (10000, 1), seed=1)], spec)  # Pillow resizes 16-bit: refused
+
+
+def test_decompression_bombs_are_refused_from_the_header(monkeypatch):
+    from nvclip_fast import images
+
+    flat = io.BytesIO()
+    Image.new("RGB", (3000, 3000), (1, 2, 3)).save(flat, format="PNG", optimize=True)
+    data = flat.getvalue()  # a few tens of kilobytes for 9 megapixels
+    monkeypatch.setattr(images, "EXPANSION_FLOOR_BYTES", 1 << 20)
+    with pytest.raises(
+        ValueError, match=r"3000x3000 pixels in \d+ bytes: decoding it would take 60 MiB, over 128x"
+    ):
+        nf.preprocess([data], SPEC)
+    monkeypatch.setattr(images, "MAX_EXPANSION", None)  # the documented way to embed it anyway
+    assert nf.preprocess([data], SPEC).shape == (1, 3, 224, 224)
+
+
+# ---- layouts: numpy (H, W, C), torch (C, H, W) ------------------------------------------------
+
+
+@pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision are deprecated"
+)
+def test_torchvision_decoded_tensors_are_taken_as_they_come(tmp_path, rgb, expected):
+    torch = pytest.importorskip("torch")
+    torchvision_io = pytest.importorskip("torchvision.io")
+    path = tmp_path / "image.png"
+    Image.fromarray(rgb).save(path)
+    chw = torchvision_io.decode_image(str(path))  # uint8 (3, H, W)
+    assert chw.shape == (3, *rgb.shape[:2])
+    gray = torchvision_io.decode_image(str(path), mode=torchvision_io.ImageReadMode.GRAY)  # (1, H, W)
+    batch = torch.stack([chw, chw])  # (N, C, H, W)
+    out = nf.preprocess([chw, *batch], SPEC)
+    for got in out:
+        assert np.array_equal(got, expected)
+    assert np.array_equal(nf.preprocess([gray], SPEC)[0], nf.preprocess([gray[0].numpy()], SPEC)[0])
+
+
+def test_a_layout_that_only_reads_the_other_way_gets_the_fix(rgb):
+    torch = pytest.importorskip("torch")
+    with pytest.raises(
+        ValueError,
+        match=r"images\[0\]: expected 1, 3 or 4 channels, got 131 .*channels-first.*a.transpose\(1, 2, 0\)",
+    ):
+        nf.preprocess([np.ascontiguousarray(rgb.transpose(2, 0, 1))], SPEC)
+    with pytest.raises(
+        ValueError,
+        match=r"images\[0\]: expected 1, 3 or 4 channels first, got 97 .*channels-last.*t.permute\(2, 0, 1\)",
+    ):
+        nf.preprocess([torch.from_numpy(rgb)], SPEC)
+
+
+def test_an_ambiguous_shape_follows_the_convention_with_a_hint():
+    torch = pytest.importorskip("torch")
+    pixels = noise(np.random.default_rng(15), 3, 40, 4)  # (H, W, C) = 3 x 40 RGBA, or (C, H, W) = 40 x 4
+    with pytest.warns(
+        UserWarning, match=r"shape \(3, 40, 4\) reads as \(H, W, C\) or as \(C, H, W\): taken as \(H, W, C\)"
+    ):
+        as_array = nf.preprocess([pixels], SPEC)[0]
+    assert_exact(SPEC, as_array, Image.fromarray(pixels, "RGBA"), "3 x 40 RGBA array")
+    with pytest.warns(
+        UserWarning, match=r"taken as \(C, H, W\); if it is \(H, W, C\), pass t.permute\(2, 0, 1\)"
+    ):
+        as_tensor = nf.preprocess([torch.from_numpy(pixels)], SPEC)[0]
+    assert np.array_equal(
+        as_tensor, nf.preprocess([np.ascontiguousarray(pixels.transpose(1, 2, 0))], SPEC)[0]
+    )

@@ -16,6 +16,9 @@ from nvclip_fast._C import _testing
 from nvclip_fast.preprocess import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from preprocess_reference import assert_exact, levels_of, noise, photos, reference
 
+# Odd shapes such as a 3 x 1000 RGB array also read as channels-first: taken as (H, W, C), as meant.
+pytestmark = pytest.mark.filterwarnings("ignore:an image of shape")
+
 MODES = ("shortest", "squash", "longest")
 INTERPOLATIONS = ("bicubic", "bilinear")
 SIZES = (224, 336)  # NVCLIP's two input sizes
@@ -269,13 +272,14 @@ def test_cuda_inputs_on_the_device_in_any_layout():
     padded = torch.zeros(300, 460, 3, dtype=torch.uint8, device="cuda")
     padded[:, :451] = torch.from_numpy(rgb).cuda()
     rgba = torch.from_numpy(np.dstack([rgb, np.full(rgb.shape[:2], 5, np.uint8)])).cuda()
+    # Torch tensors are (C, H, W), as torchvision gives them; a view of (H, W, C) memory is used as it is.
     items = [
-        torch.from_numpy(rgb).cuda(),
-        padded[:, :451],  # rows 460 pixels apart
-        rgba,  # alpha dropped
+        torch.from_numpy(rgb).cuda().permute(2, 0, 1),
+        padded[:, :451].permute(2, 0, 1),  # rows 460 pixels apart
+        rgba.permute(2, 0, 1),  # alpha dropped
         torch.from_numpy(gray).cuda(),
-        torch.from_numpy(gray).cuda()[:, :, None],
-        torch.from_numpy(np.ascontiguousarray(rgb.transpose(1, 0, 2))).cuda().permute(1, 0, 2),  # copied
+        torch.from_numpy(gray).cuda()[None],
+        torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).cuda(),  # planar: copied
         rgb,  # host memory, uploaded
     ]
     got = nf.preprocess(items, spec, device="cuda").cpu().numpy()
@@ -289,10 +293,11 @@ def test_cuda_out_form_streams_and_table_cache():
 
     spec = spec_of("squash", "bilinear", 336)
     arrays = [a for _, a in batch()]
-    tensors = [torch.from_numpy(a).cuda() for a in arrays]
+    tensors = [torch.from_numpy(a).cuda() for a in arrays]  # (H, W, C) memory, as the kernel reads it
     expected = cpu_result("squash", "bilinear", 336)
     out = torch.full((len(arrays), 3, 336, 336), float("nan"), device="cuda")
-    assert nf.preprocess(tensors, spec, device="cuda", out=out) is out
+    chw = [t.permute(2, 0, 1) if t.ndim == 3 else t for t in tensors]  # torch's (C, H, W) views
+    assert nf.preprocess(chw, spec, device="cuda", out=out) is out
     torch.cuda.synchronize()
     assert np.array_equal(out.cpu().numpy(), expected)
     # The C++ API the batch queue calls: a tiny table arena recycled and grown on every batch, two
@@ -319,7 +324,7 @@ def test_cuda_large_batch_of_one_size():
 
     spec = spec_of("shortest", "bicubic", 224)
     image = noise(np.random.default_rng(21), 480, 640, 3)
-    device_image = torch.from_numpy(image).cuda()
+    device_image = torch.from_numpy(image).cuda().permute(2, 0, 1)
     got = nf.preprocess([device_image] * 1000, spec, device="cuda", dtype="float16")
     torch.cuda.synchronize()
     want = run_cpu(spec, [image], dtype="float16")[0]

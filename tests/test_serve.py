@@ -531,8 +531,9 @@ def one_request(proc: ServerProcess, inputs: list[str]):
 
 
 def test_engine_failure_fails_only_that_batch(tmp_path):
-    # Batches of 2 images, waiting up to 1 s to fill: each 2-image request (queued at once) is one batch.
-    proc = engine_server_process(tmp_path, "--max-batch", "2", "--max-delay-ms", "1000")
+    # One image per batch: however the three requests' images interleave in the queue, only the
+    # poisoned image's batch fails, and with it only the request that holds that image.
+    proc = engine_server_process(tmp_path, "--max-batch", "1")
     try:
         proc.wait_ready()
         good = [data_url(marker_image(10)), data_url(marker_image(20))]

@@ -71,6 +71,10 @@ class Towers:
     # How to open the same model again (the provenance's ``source``): {"bundle": "/abs/vith.json"},
     # or {"model": NAME, "pretrained": TAG | "weights": PATH | "random_weights": True, ...}.
     source: Mapping[str, Any] | None = None
+    # What identifies the weights (``Encoder.provenance``): their sha256 where the sidecar records
+    # it; else the image engine's files, whose sha256 then tells engines apart.
+    weights_sha256: str | None = None
+    engine_files: tuple[Path, ...] = ()
 
 
 def model_source(
@@ -279,6 +283,9 @@ def load_bundle(
 
     shares = thread_shares(threads, len(devices))
     images = tuple(make(path, "image", i, n) for i, n in zip(devices.indices, shares, strict=True))
+    data = metadata.BundlePaths.data(path)
+    identity = {"engine_files": (path, data) if not plan and data.is_file() else (path,)}
+    source = {"bundle": str((sidecar if meta is not None else path).resolve())}
     paths = metadata.bundle_paths(path)
     text_path: Path | None = (paths.plan if plan else paths.onnx)["text"]
     if meta is not None:
@@ -333,11 +340,12 @@ def load_bundle(
         tokenizer = lambda: load_tokenizer(tokenizer_spec(text()), tokenizer_dir)  # noqa: E731
     scale, bias = (meta.logit_scale, meta.logit_bias) if meta is not None else (None, None)
     name = meta.model if meta is not None else path.stem
-    source = {"bundle": str((sidecar if meta is not None else path).resolve())}
     if precision != exported:  # bf16: the same bundle, run in bf16
         source["precision"] = precision
     kinds = {"meta": meta, "engine": engine, "precision": precision, "source": source}
-    return Towers(images, text, spec, tokenizer, engine_dim, name, scale, bias, **kinds)
+    if meta is not None:
+        kinds["weights_sha256"] = meta.weights.sha256
+    return Towers(images, text, spec, tokenizer, engine_dim, name, scale, bias, **kinds, **identity)
 
 
 def load_open_clip(
@@ -415,4 +423,5 @@ def load_open_clip(
         precision=precision,
     )
     kinds = {"engine": "torch", "precision": precision, "source": source}
+    kinds["weights_sha256"] = loaded.weights.sha256
     return Towers(images, text, loaded.preprocess, tokenizer, embed_dim, model, scale, bias, **kinds)

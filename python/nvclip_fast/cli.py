@@ -10,19 +10,28 @@ import shlex
 import sys
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from . import _C, __version__, build_info, cache, extras, metadata, server
 from .collection_cli import add_collection_parsers
 from .commands import PROG, add_command, add_model_options, encoder_loader, examples, help_text
-from .embed_files import CHECKPOINT_ROWS, DTYPES, classify_files, embed_files, write_predictions
-from .outputs import check_output_path
+from .embed_files import (
+    CHECKPOINT_ROWS,
+    DTYPES,
+    check_inputs,
+    check_job_output,
+    classify_files,
+    embed_files,
+    write_predictions,
+)
+from .outputs import Checkpoint, check_output_path
 from .probe import LinearProbe
 
 # Exit codes of `nvclip-fast export` (argparse itself exits 2 on malformed arguments).
 EXIT_OK = 0
 EXIT_ERROR = 1  # the export failed (bad weights, unknown model, download impossible, export error)
-EXIT_USAGE = 2  # no weights given (or several), or the export extra is missing: refused
+EXIT_USAGE = 2  # refused: no weights given (or several), an unusable weights file, or no export extra
 EXIT_NO_TENSORRT = 3  # ONNX files and sidecar written, TensorRT engines not built
 EXIT_PARITY = 4  # an exported tower misses the parity gate (files kept for inspection)
 # `nvclip-fast embed` / `classify` / `embed-text`: 0 every input embedded, 1 some failed (the rest
@@ -106,7 +115,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         # The exporter pulls in torch, open_clip and onnx (the export extra), which no other command needs.
         from .exporter import ExportError, ParityError, bundle_paths, export
-        from .models import PretrainedUnavailableError, TokenizerUnavailableError, WeightsRequiredError
+        from .models import (
+            CheckpointError,
+            PretrainedUnavailableError,
+            TokenizerUnavailableError,
+            WeightsRequiredError,
+        )
         from .trt_build import TensorRTBuildError, TensorRTUnavailableError
     except ImportError as e:
         return _fail("export", extras.missing_extra(extras.EXPORT, "exporting", e))
@@ -129,6 +143,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         )
     except WeightsRequiredError as e:
         return _fail("export", f"{e}. Refusing to export random embeddings by accident.", EXIT_USAGE)
+    except CheckpointError as e:  # the weights file is unreadable or does not fit the model
+        return _fail("export", e, EXIT_USAGE)
     except TensorRTUnavailableError as e:
         paths = bundle_paths(args.output)
         print(
@@ -175,9 +191,9 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
             "export extra (torch, open_clip, onnx). The text tower needs its tokenizer from local files "
             "(a Hugging Face tokenizer in the local Hugging Face cache), which are saved into the bundle; "
             "--no-text exports the image tower alone.",
-            f"Exit codes: {EXIT_OK} ok, {EXIT_ERROR} failed, {EXIT_USAGE} no weights or no export extra, "
-            f"{EXIT_NO_TENSORRT} ONNX written but no TensorRT (the trtexec commands are printed), "
-            f"{EXIT_PARITY} parity gate failed.",
+            f"Exit codes: {EXIT_OK} ok, {EXIT_ERROR} failed, {EXIT_USAGE} no weights, an unusable weights "
+            f"file or no export extra, {EXIT_NO_TENSORRT} ONNX written but no TensorRT (the trtexec "
+            f"commands are printed), {EXIT_PARITY} parity gate failed.",
         ],
         example_lines=[
             "nvclip-fast export ViT-B-32 --pretrained laion2b_s34b_b79k -o vitb32.onnx",
@@ -232,7 +248,9 @@ def _engine(encoder: Any) -> str:
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     try:
-        check_output_path(args.output)  # before a model is opened (perhaps exported) for nothing
+        # Before a model is opened (perhaps exported) for nothing.
+        check_job_output(args.output, resume=args.resume, overwrite=args.overwrite)
+        check_inputs(args.inputs)
         load = encoder_loader(args, text=None, max_batch=args.batch)
         with load() as encoder:
             summary = embed_files(
@@ -243,12 +261,16 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                 workers=args.workers,
                 dtype=args.dtype,
                 resume=args.resume,
+                overwrite=args.overwrite,
                 progress=False if args.no_progress else None,
                 checkpoint_rows=args.checkpoint_rows,
             )
     except KeyboardInterrupt:
+        checkpoint = Checkpoint(Path(args.output))
+        saved = checkpoint.rows() if checkpoint.exists() else 0
         print(
-            f"{PROG} embed: interrupted; finished rows are kept for --resume, the output was not written",
+            f"{PROG} embed: interrupted; the output was not written; {saved} finished rows are saved in "
+            f"{checkpoint.dir} (rerun with --resume to finish)",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
@@ -260,8 +282,11 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 def _labels(text: str) -> list[str]:
     if text.startswith("@"):
-        with open(text[1:], encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
+        try:
+            with open(text[1:], encoding="utf-8") as f:
+                return [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"labels file {text[1:]!r} is not UTF-8 text: {e}") from e
     return [label.strip() for label in text.split(",") if label.strip()]
 
 
@@ -269,6 +294,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     try:
         labels = _labels(args.labels) if args.labels else None
         probe = LinearProbe.load(args.probe) if args.probe else None
+        check_inputs(args.inputs)
         load = encoder_loader(args, text=probe is None, max_batch=args.batch)
         with load() as encoder:
             predictions, summary = classify_files(
@@ -340,11 +366,15 @@ def _add_job_parsers(sub: argparse._SubParsersAction) -> None:
         help="embed images (files, folders, @lists, tar shards) into Parquet or .npy, rows in input order",
         description=[
             "Embed every image named by the inputs into OUT.parquet (columns path, embedding, width, "
-            "height) or OUT.npy (with OUT.paths.txt). Bad inputs are skipped and listed with their reason "
-            "in OUT.errors.jsonl. With a model name, the bundle is built once into the cache "
-            f"({cache.CACHE_ENV}, default ~/.cache/nvclip-fast) and reused by later runs.",
+            "height) or OUT.npy (with OUT.npy.ids.jsonl, one JSON string per line); both record the "
+            "provenance (model, weights sha256, preprocessing, dtype). Bad inputs are skipped and listed "
+            "with their reason in OUT.parquet.errors.jsonl (OUT.npy.errors.jsonl), written only when one "
+            "failed. An existing output is refused unless --overwrite or --resume is given. With a model "
+            f"name, the bundle is built once into the cache ({cache.CACHE_ENV}, default "
+            "~/.cache/nvclip-fast) and reused by later runs.",
             f"Exit codes: {EXIT_OK} all embedded, {EXIT_SOME_FAILED} some failed, {EXIT_USAGE} the job could "
-            f"not run, {EXIT_INTERRUPTED} interrupted (rerun with --resume).",
+            "not run (no images found, an existing output, an unusable model or sidecar, a --resume of "
+            f"another job), {EXIT_INTERRUPTED} interrupted (rerun with --resume).",
         ],
         example_lines=[
             "nvclip-fast embed ./photos -m ViT-B-32 --pretrained laion2b_s34b_b79k -o photos.parquet",
@@ -353,17 +383,28 @@ def _add_job_parsers(sub: argparse._SubParsersAction) -> None:
         ],
     )
     _add_image_job_options(p)
-    p.add_argument("-o", "--output", required=True, help="OUT.parquet or OUT.npy (+ OUT.paths.txt)")
-    p.add_argument("--dtype", choices=DTYPES, default=DTYPES[0], help="stored embedding type")
     p.add_argument(
-        "--resume", action="store_true", help="skip images already in OUT or saved by an interrupted run"
+        "-o",
+        "--output",
+        required=True,
+        help="OUT.parquet, or OUT.npy (+ OUT.npy.ids.jsonl and OUT.npy.provenance.json)",
     )
+    p.add_argument("--dtype", choices=DTYPES, default=DTYPES[0], help="stored embedding type")
+    replace = p.add_mutually_exclusive_group()
+    replace.add_argument(
+        "--resume",
+        action="store_true",
+        help="add what is missing to OUT: skip images already in it or saved by an interrupted run "
+        "(refused when those rows are of another model, preprocessing or dtype)",
+    )
+    replace.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument(
         "--checkpoint-rows",
         type=int,
         default=CHECKPOINT_ROWS,
         metavar="N",
-        help=f"save finished rows for --resume every N rows (default {CHECKPOINT_ROWS}; also on Ctrl-C)",
+        help=f"save finished rows for --resume once N are waiting, as each batch comes back (default "
+        f"{CHECKPOINT_ROWS}; also on Ctrl-C)",
     )
     p.set_defaults(run=_cmd_embed)
 
@@ -410,7 +451,7 @@ def _add_job_parsers(sub: argparse._SubParsersAction) -> None:
             "Embed texts with the model's text tower, for prompt banks and text-to-image retrieval. Each "
             "argument is a text, or @FILE for the lines of FILE (UTF-8, blank lines skipped). Writes "
             "OUT.parquet (columns text, embedding; the provenance in the file's metadata) or OUT.npy (with "
-            "OUT.texts.jsonl and OUT.provenance.json), rows in the order given."
+            "OUT.npy.texts.jsonl and OUT.npy.provenance.json), rows in the order given."
         ],
         example_lines=[
             'nvclip-fast embed-text "a photo of a cat" @prompts.txt -m ViT-B-32 '

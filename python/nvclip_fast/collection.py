@@ -17,19 +17,16 @@ the size of the collection; ids and image sizes (a few dozen bytes per row) are 
 first needed. A collection without provenance (written before it was stored) still opens, with a
 warning; then the model of a query cannot be checked, only its embedding size, and must be given.
 
-Ids are file paths or ``<tar path>::<member name>``; :func:`read_item` reads the bytes behind one
-(relative paths are relative to the current directory, as they were given to ``embed``).
+Ids are file paths or ``<tar path>::<member name>`` (see ``sources``, whose :func:`~.sources.read_id`
+reads the bytes behind one; relative paths are relative to the current directory, as they were
+given to ``embed``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import mmap
 import os
-import stat
-import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .outputs import IDS_SUFFIX, LEGACY_PATHS_SUFFIX, NPY_SUFFIX, PARQUET_SUFFIX, PROVENANCE_SUFFIX
 from .provenance import IDENTITY_FIELDS, PARQUET_KEY, Provenance, ProvenanceError
-from .sources import TAR_MEMBER_SEPARATOR, source_id
+from .sources import read_id
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -53,15 +51,9 @@ MIB = 1 << 20
 # Embeddings read (as float32) per chunk: large enough for BLAS to run at full speed, small enough
 # that a search or a scan holds only this much of the collection at once.
 CHUNK_BYTES = 64 * MIB
-PARQUET_SUFFIX = ".parquet"
-NPY_SUFFIX = ".npy"
-IDS_SUFFIX = ".ids.jsonl"  # OUT.npy.ids.jsonl
-PROVENANCE_SUFFIX = ".provenance.json"  # OUT.npy.provenance.json
-LEGACY_PATHS_SUFFIX = ".paths.txt"  # OUT.paths.txt, beside OUT.npy (older outputs)
 NO_SIZE = -1  # width/height when unknown
 # Fields of the metadata that older outputs stored in place of a provenance, compared where present.
 LEGACY_FIELDS = ("model", "embed_dim", "preprocess")
-TAR_LISTINGS_CACHED = 8  # tar shards whose member tables read_item keeps
 # .npy header readers by format version (numpy writes 1.0, or 2.0 for headers over 64 KiB).
 NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
@@ -80,89 +72,12 @@ class Hit:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reading items by id
-
-
-def read_item(item_id: str, max_bytes: int | None = None) -> bytes:
-    """The bytes of the image an id names: a file path, or ``<tar path>::<member name>``.
-
-    Only regular files are opened (a FIFO or a device named by an id is refused, never read).
-    ``max_bytes``: refuse larger items. Raises ``FileNotFoundError`` or ``OSError`` naming the id.
-    """
-    path = Path(item_id)
-    if _is_file(path):
-        return _read_file(path, item_id, max_bytes)
-    # A tar member: the tar path is the part before a separator that names an existing file.
-    start = 0
-    while (at := item_id.find(TAR_MEMBER_SEPARATOR, start)) >= 0:
-        tar, member = Path(item_id[:at]), item_id[at + len(TAR_MEMBER_SEPARATOR) :]
-        if _is_file(tar):
-            info = os.stat(tar)
-            offset, size = _tar_members(str(tar), info.st_mtime_ns, info.st_size).get(member, (None, 0))
-            if offset is None:
-                raise FileNotFoundError(f"{item_id}: no member {member!r} in {tar}")
-            _check_size(item_id, size, max_bytes)
-            with open(tar, "rb") as f:
-                f.seek(offset)
-                data = f.read(size)
-            if len(data) != size:
-                raise OSError(f"{item_id}: truncated tar member ({len(data)} of {size} bytes)")
-            return data
-        start = at + 1
-    if path.exists():
-        raise OSError(f"{item_id}: not a regular file")
-    raise FileNotFoundError(f"{item_id}: no such file or tar member")
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except (OSError, ValueError):
-        return False
-
-
-def _check_size(item_id: str, size: int, max_bytes: int | None) -> None:
-    if max_bytes is not None and size > max_bytes:
-        raise OSError(f"{item_id}: {size} bytes, over the limit of {max_bytes}")
-
-
-def _read_file(path: Path, item_id: str, max_bytes: int | None) -> bytes:
-    with open(path, "rb") as f:
-        _check_size(item_id, os.fstat(f.fileno()).st_size, max_bytes)
-        return f.read()
-
-
-@functools.lru_cache(maxsize=TAR_LISTINGS_CACHED)
-def _tar_members(tar: str, mtime_ns: int, size: int) -> dict[str, tuple[int, int]]:
-    """(data offset, size) of each regular member, by id as ``embed`` made it (first of repeated
-    names). Keyed by the shard's mtime and size too, so a rewritten shard is listed again."""
-    members: dict[str, tuple[int, int]] = {}
-    with tarfile.open(tar, "r:") as archive:
-        while (member := archive.next()) is not None:
-            if member.isfile():
-                members.setdefault(source_id(member.name), (member.offset_data, member.size))
-    return members
-
-
-# ---------------------------------------------------------------------------------------------------
 # The query model
 
 
 def encoder_provenance(encoder: Encoder) -> Provenance:
-    """The provenance of what ``encoder`` makes: its own ``provenance`` where it has one; else its
-    model, size, preprocessing and precision, and the weights sha256 its sidecar records
-    (normalized rows)."""
-    own = getattr(encoder, "provenance", None)
-    if isinstance(own, Provenance):
-        return own
-    meta = encoder.metadata
-    return Provenance(
-        model=encoder.model,
-        embed_dim=encoder.dim,
-        preprocess=dataclasses.asdict(encoder.spec),
-        precision=encoder.precision,
-        weights_sha256=meta.weights.sha256 if meta is not None else None,
-    )
+    """The provenance of what ``encoder`` makes (normalized rows): ``Encoder.provenance``."""
+    return encoder.provenance()
 
 
 def open_encoder(source: dict[str, Any], device: str = "auto") -> Encoder:
@@ -555,7 +470,7 @@ class Collection:
         if text is not None:
             return np.asarray(encoder.embed_text([text]), dtype=np.float32)
         if isinstance(image, (str, os.PathLike)):
-            image = read_item(os.fspath(image))
+            image = read_id(os.fspath(image))
         return np.asarray(encoder.embed([image]), dtype=np.float32)
 
     # -- search, duplicates, clusters ----------------------------------------------------------

@@ -4,7 +4,8 @@
 sources are listed in input order, read and decoded by ``workers`` threads through the Encoder's
 image pipeline (``pipeline``: a bounded distance and a bounded number of decoded bytes ahead,
 several batches in flight, so the engine never waits on one decoder). Results come back in input
-order; every input ends as exactly one row or one error with its reason. Progress is a tqdm bar.
+order; every input ends as exactly one row or one error with its reason. Progress is a tqdm bar
+that moves as each batch comes back.
 """
 
 from __future__ import annotations
@@ -13,40 +14,48 @@ import contextlib
 import json
 import os
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .collection import encoder_provenance
 from .encoder import Encoder, top_labels
+from .images import Encoded
 from .outputs import (
     Checkpoint,
+    OutputExistsError,
     Rows,
     assemble,
     atomic_path,
     check_output_path,
-    output_metadata,
+    existing,
     output_segments,
+    read_provenance,
     write_errors,
     write_output,
 )
 from .pipeline import Item
-from .sources import Source, iter_sources
+from .provenance import Provenance, ProvenanceError
+from .sources import NotAnImageSource, Source, iter_sources
 
 if TYPE_CHECKING:
     from .probe import LinearProbe
 
 DTYPES = ("float32", "float16")
 CHECKPOINT_ROWS = 4096  # rows per checkpoint chunk (OUT.inprogress/): what an interruption can lose
+DUPLICATE = "duplicate"  # the reason listed for an input given again (embedded once)
+
+
+class NoImagesError(ValueError):
+    """The inputs name no image at all (an empty folder, a folder without image files)."""
 
 
 @dataclass
 class Summary:
-    """What a job did; ``failed`` inputs are listed with their reasons in ``errors_path``."""
+    """What a job did; ``failed`` inputs (and ``duplicates``) are listed with their reasons in
+    ``errors_path``."""
 
     total: int
     embedded: int
@@ -72,10 +81,10 @@ class Summary:
         ]
         if self.resumed:
             parts.append(f"{self.resumed} already done (resumed)")
+        where = f": see {self.errors_path}" if self.errors_path else ""
         if self.duplicates:
-            parts.append(f"{self.duplicates} duplicate inputs skipped")
+            parts.append(f"{self.duplicates} duplicate inputs skipped{where if not self.failed else ''}")
         if self.failed:
-            where = f": see {self.errors_path}" if self.errors_path else ""
             parts.append(f"{self.failed} failed{where}")
         if self.out is not None:
             parts.append(f"-> {self.out}")
@@ -95,17 +104,20 @@ def progress_bar(total: int | None, progress: bool | None, **options: Any) -> An
     return tqdm(total=total, **options)
 
 
-def _read(source: Source) -> bytes:
-    """A source's bytes (read in a decoding thread), or ValueError saying why there are none."""
+def _read(source: Source) -> Encoded:
+    """A source's bytes, named by its id (read in a decoding thread), or ValueError saying why there
+    are none."""
     if source.error is not None:
         raise ValueError(source.error)
     try:
         data = source.read()
+    except NotAnImageSource as e:
+        raise ValueError(str(e)) from e
     except OSError as e:
-        raise ValueError(f"unreadable: {e}") from e
+        raise ValueError(f"unreadable: {e.strerror or e}") from e
     if not data:
         raise ValueError("empty file")
-    return data
+    return Encoded(data, source.id)
 
 
 @contextlib.contextmanager
@@ -128,8 +140,44 @@ def _workers(workers: int | None) -> int:
     return max(1, workers if workers else (os.cpu_count() or 1))
 
 
+def check_inputs(inputs: Any) -> None:
+    """NoImagesError when ``inputs`` name no image at all (listing stops at the first one found)."""
+    if next(iter_sources(inputs), None) is None:
+        shown = [os.fspath(i) for i in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
+        raise NoImagesError(
+            f"no images found in {shown}: a folder scan takes regular files with an image extension "
+            "or signature, and .tar shards"
+        )
+
+
+def _listed(inputs: Any) -> tuple[list[Source], list[tuple[str, str]]]:
+    """Every source named by ``inputs``, each id once, and (id, "duplicate") for each repeat.
+    NoImagesError when there is none."""
+    sources, duplicates = _dedupe(iter_sources(inputs))
+    if not sources:
+        check_inputs(inputs)
+    return sources, duplicates
+
+
+def check_job_output(out: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False) -> Path:
+    """``out`` as a job's output (checked before any model is opened): a ``.parquet`` or ``.npy``
+    name; OutputExistsError when it (or an interrupted run's rows) exists and the job was told
+    neither to ``resume`` nor to ``overwrite`` it; ValueError for both."""
+    out_path = check_output_path(out)
+    if resume and overwrite:
+        raise ValueError(
+            "resume and overwrite exclude each other: resume adds to the output, overwrite replaces it"
+        )
+    if not resume and not overwrite and (found := existing(out_path)):
+        raise OutputExistsError(
+            f"{found[0]} exists: pass --overwrite (overwrite=True) to replace it, or --resume (resume=True) "
+            "to add the missing rows to it"
+        )
+    return out_path
+
+
 def embed_files(
-    inputs: Iterable[str | os.PathLike[str]],
+    inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     model: str | os.PathLike[str] | Encoder,
     out: str | os.PathLike[str],
     *,
@@ -138,41 +186,38 @@ def embed_files(
     workers: int | None = None,
     dtype: str = "float32",
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool | None = None,
     checkpoint_rows: int = CHECKPOINT_ROWS,
 ) -> Summary:
-    """Embed every image named by ``inputs`` into ``out`` (``.parquet`` or ``.npy``), rows in input order.
+    """Embed every image named by ``inputs`` (one path, or an iterable of them: files, folders,
+    ``@list.txt``, ``.tar`` shards) into ``out`` (``.parquet`` or ``.npy``), rows in input order.
 
-    ``model``: an exported bundle (``.plan``, ``.onnx`` or its ``.json``) or an open Encoder.
-    Bad inputs are skipped and listed in ``OUT.errors.jsonl``. ``resume``: skip ids already in
-    ``out`` or saved by an interrupted run. ``progress``: see :func:`progress_bar` (None: tqdm's choice).
-    ``checkpoint_rows``: finished rows are saved for ``resume`` every so many rows (and on Ctrl-C).
+    ``model``: an exported bundle (``.plan``, ``.onnx`` or its ``.json``) or an open Encoder. Bad
+    inputs are skipped and listed in ``OUT.<ext>.errors.jsonl`` (with inputs given twice, reason
+    ``duplicate``). An existing output is refused (OutputExistsError) unless ``overwrite`` (replace
+    it) or ``resume`` (skip ids already in ``out`` or saved by an interrupted run; refused with a
+    ProvenanceError naming the field when those rows came from another model, preprocessing,
+    precision or dtype). NoImagesError when the inputs hold no image. ``progress``: see
+    :func:`progress_bar`. ``checkpoint_rows``: finished rows are saved for ``resume`` once that many
+    are waiting, at the end of the engine batch that brings them (and on Ctrl-C).
     """
-    out_path = check_output_path(out)
+    out_path = check_job_output(out, resume=resume, overwrite=overwrite)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if checkpoint_rows < 1:
         raise ValueError(f"checkpoint_rows must be >= 1, got {checkpoint_rows}")
-    start = time.monotonic()
-    sources, duplicates = _dedupe(iter_sources(inputs))
     checkpoint = Checkpoint(out_path)
+    start = time.monotonic()
+    sources, duplicates = _listed(inputs)
     with _opened(model, device, batch) as encoder:
-        job = _job_metadata(encoder, dtype)
+        provenance = encoder.provenance(dtype=dtype)
         if resume:
-            _check_same_job(out_path, checkpoint, job)
-            done_ids = {
-                i for segment in [*output_segments(out_path), *checkpoint.segments()] for i in segment.ids
-            }
+            done_ids = _resumable(out_path, checkpoint, provenance)
         else:
-            if checkpoint.exists():
-                warnings.warn(
-                    f"{checkpoint.dir}: an unfinished run's rows are discarded (use --resume to keep them)",
-                    UserWarning,
-                    stacklevel=2,
-                )
-                checkpoint.clear()
+            checkpoint.clear()
             done_ids = set()
-        checkpoint.start(job)
+        checkpoint.start(provenance)
         todo = [s for s in sources if s.id not in done_ids]
         errors, embedded = _embed_into(
             checkpoint,
@@ -191,15 +236,15 @@ def embed_files(
         order = [s.id for s in sources if s.id in stored]
         given = set(order)
         order += [i for i in stored if i not in given]
-        write_output(out_path, order, assemble(order, segments), encoder.dim, dtype, job)
-        errors_path = write_errors(out_path, errors)
+        write_output(out_path, order, assemble(order, segments), encoder.dim, dtype, provenance)
+        errors_path = write_errors(out_path, errors + duplicates)
         checkpoint.clear()
     return Summary(
         total=len(sources),
         embedded=embedded,
         resumed=len(sources) - len(todo),
         failed=len(errors),
-        duplicates=duplicates,
+        duplicates=len(duplicates),
         seconds=time.monotonic() - start,
         out=out_path,
         errors_path=errors_path,
@@ -217,61 +262,75 @@ def _embed_into(
     checkpoint_rows: int,
     progress: bool | None,
 ) -> tuple[list[tuple[str, str]], int]:
-    """Embed ``todo`` into checkpoint chunks; returns (errors, rows embedded). On an interruption
-    (Ctrl-C) or failure the rows finished so far are saved first, for --resume."""
+    """Embed ``todo`` into checkpoint chunks; returns (errors, rows embedded). Rows are saved once
+    ``checkpoint_rows`` are waiting, as each batch comes back; on an interruption (Ctrl-C) or a
+    failure every row already back is saved first, for --resume."""
     errors: list[tuple[str, str]] = []
     fresh: list[tuple[str, Item]] = []
     embedded = 0
-    with progress_bar(len(todo), progress, unit="img") as bar:
+
+    def take(group: list[Item]) -> None:
+        nonlocal embedded
+        for item in group:
+            if item.row is None:
+                errors.append((todo[item.index].id, item.error or "unknown error"))
+            else:
+                fresh.append((todo[item.index].id, item))
+                embedded += 1
+
+    with (
+        progress_bar(len(todo), progress, unit="img") as bar,
+        encoder._stream(todo, load=_read, batch=batch, workers=workers) as stream,
+    ):
         try:
-            for item in encoder._stream(todo, load=_read, batch=batch, workers=workers):
-                if item.row is None:
-                    errors.append((todo[item.index].id, item.error or "unknown error"))
-                else:
-                    fresh.append((todo[item.index].id, item))
-                    embedded += 1
-                    if len(fresh) >= checkpoint_rows:
-                        checkpoint.append(_rows(fresh, dtype))
-                        fresh = []
-                bar.update()
+            for group in stream:
+                take(group)
+                bar.update(len(group))
+                if len(fresh) >= checkpoint_rows:
+                    checkpoint.append(_rows(fresh, dtype))
+                    fresh = []
+        except BaseException:
+            for group in stream.finished():
+                take(group)
+            raise
         finally:
             checkpoint.append(_rows(fresh, dtype))
     return errors, embedded
 
 
-def _job_metadata(encoder: Encoder, dtype: str) -> dict[str, Any]:
-    """What identifies the rows of a job, as stored (JSON) in the output and the checkpoint."""
-    job = {
-        "model": encoder.model,
-        "embed_dim": encoder.dim,
-        "dtype": dtype,
-        "preprocess": asdict(encoder.spec),
-    }
-    return json.loads(json.dumps(job))  # tuples become lists, as they come back from the files
-
-
-def _check_same_job(out: Path, checkpoint: Checkpoint, job: dict[str, Any]) -> None:
-    """--resume only adds rows of the same model, size and preprocessing to what is stored."""
-    stored = {"the checkpoint " + str(checkpoint.dir): checkpoint.metadata(), str(out): output_metadata(out)}
-    for where, meta in stored.items():
-        if not meta:
+def _resumable(out: Path, checkpoint: Checkpoint, provenance: Provenance) -> set[str]:
+    """The ids already stored in ``out`` and the checkpoint, which --resume skips; ProvenanceError
+    (naming the field) when either holds rows of another job, or rows whose provenance is unknown."""
+    done: set[str] = set()
+    for where, stored, segments in (
+        (str(out), read_provenance, lambda: output_segments(out)),
+        (str(checkpoint.dir), lambda _: checkpoint.provenance(), checkpoint.segments),
+    ):
+        try:
+            theirs = stored(out)
+        except ProvenanceError as e:
+            raise ProvenanceError(
+                f"--resume: {e}: cannot check its rows are of this model; use --overwrite or another output"
+            ) from e
+        if theirs is None:
             continue
-        for key, value in meta.items():
-            if key in job and job[key] != value:
-                raise ValueError(
-                    f"--resume: {where} holds rows with {key}={value!r}, this job has {key}={job[key]!r}; "
-                    "resume with the same model and options, or write to another output"
-                )
+        if (why := theirs.mismatch(provenance, also=("dtype",))) is not None:
+            raise ProvenanceError(
+                f"--resume: {where} holds rows of another job ({why}); resume with the same model and "
+                "options, or write to another output (or --overwrite)"
+            )
+        done.update(i for segment in segments() for i in segment.ids)
+    return done
 
 
-def _dedupe(sources: Iterable[Source]) -> tuple[list[Source], int]:
-    """Sources with each id once (the first occurrence), and how many repeats were dropped."""
+def _dedupe(sources: Iterable[Source]) -> tuple[list[Source], list[tuple[str, str]]]:
+    """Sources with each id once (the first occurrence), and (id, "duplicate") per repeat."""
     seen: set[str] = set()
     unique: list[Source] = []
-    repeats = 0
+    repeats: list[tuple[str, str]] = []
     for s in sources:
         if s.id in seen:
-            repeats += 1
+            repeats.append((s.id, DUPLICATE))
         else:
             seen.add(s.id)
             unique.append(s)
@@ -311,7 +370,7 @@ class Prediction:
 
 
 def classify_files(
-    inputs: Iterable[str | os.PathLike[str]],
+    inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     model: str | os.PathLike[str] | Encoder,
     labels: Sequence[str] | None,
     *,
@@ -329,37 +388,40 @@ def classify_files(
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     start = time.monotonic()
-    sources, duplicates = _dedupe(iter_sources(inputs))
+    sources, duplicates = _listed(inputs)
     predictions = []
     with _opened(model, device, batch) as encoder:
         if probe is None:
             text = encoder.label_embeddings(labels, templates)
             probabilities = lambda row: encoder.label_probabilities(row[None, :], text)[0]  # noqa: E731
         else:
-            labels, made_by = probe.classes, encoder_provenance(encoder)
+            labels, made_by = probe.classes, encoder.provenance()
             probe.check(made_by)
             probabilities = lambda row: probe.predict_proba(row, provenance=made_by)[0]  # noqa: E731
-        items = encoder._stream(
-            sources, load=_read, batch=batch or encoder.max_batch, workers=_workers(workers)
-        )
-        with progress_bar(len(sources), progress, unit="img") as bar:
-            for item in items:
-                source = sources[item.index]
-                if item.row is None:
-                    predictions.append(Prediction(source.id, [], [], item.error))
-                else:
-                    ranked = top_labels(probabilities(item.row), labels, top_k)
-                    predictions.append(
-                        Prediction(source.id, [label for label, _ in ranked], [p for _, p in ranked])
-                    )
-                bar.update()
+        with (
+            progress_bar(len(sources), progress, unit="img") as bar,
+            encoder._stream(
+                sources, load=_read, batch=batch or encoder.max_batch, workers=_workers(workers)
+            ) as stream,
+        ):
+            for group in stream:
+                for item in group:
+                    source = sources[item.index]
+                    if item.row is None:
+                        predictions.append(Prediction(source.id, [], [], item.error))
+                    else:
+                        ranked = top_labels(probabilities(item.row), labels, top_k)
+                        predictions.append(
+                            Prediction(source.id, [label for label, _ in ranked], [p for _, p in ranked])
+                        )
+                bar.update(len(group))
     failed = sum(1 for p in predictions if p.error is not None)
     return predictions, Summary(
         total=len(sources),
         embedded=len(sources) - failed,
         resumed=0,
         failed=failed,
-        duplicates=duplicates,
+        duplicates=len(duplicates),
         seconds=time.monotonic() - start,
     )
 

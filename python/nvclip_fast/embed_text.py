@@ -4,8 +4,8 @@
   ``dtype``), one row per text in the order given (repeats kept); the provenance (model, weights
   sha256, precision, dtype, normalization, how to open the model again, package version, time) as
   JSON in the schema metadata under the key ``nvclip_fast``.
-- ``OUT.npy``: the ``(N, D)`` embeddings, with ``OUT.texts.jsonl`` (one JSON string per line, so
-  texts may hold line breaks) and ``OUT.provenance.json`` beside it.
+- ``OUT.npy``: the ``(N, D)`` embeddings, with ``OUT.npy.texts.jsonl`` (one JSON string per line, so
+  texts may hold line breaks) and ``OUT.npy.provenance.json`` beside it.
 
 Texts are embedded a block at a time and written as they come, so memory holds one block; every
 file is written under a temporary name and renamed into place (the ``.npy`` last).
@@ -22,13 +22,12 @@ import numpy as np
 
 from .embed_files import DTYPES, progress_bar
 from .encoder import Encoder
-from .outputs import PARQUET_SUFFIX, atomic_path, check_output_path, sibling
+from .outputs import PARQUET_SUFFIX, PROVENANCE_SUFFIX, atomic_path, check_output_path, sibling
 from .provenance import PARQUET_KEY, Provenance
 
 __all__ = ["PROVENANCE_SUFFIX", "TEXTS_SUFFIX", "embed_texts", "read_texts", "text_provenance"]
 
 TEXTS_SUFFIX = ".texts.jsonl"
-PROVENANCE_SUFFIX = ".provenance.json"
 TEXT_BLOCK = 1024  # texts per engine call and per Parquet row group
 LIST_PREFIX = "@"
 
@@ -48,16 +47,7 @@ def read_texts(arguments: Iterable[str]) -> list[str]:
 
 def text_provenance(encoder: Encoder, dtype: str) -> Provenance:
     """What the rows of ``encoder``'s text tower are, for the output's metadata."""
-    meta = encoder.metadata
-    return Provenance(
-        model=encoder.model,
-        embed_dim=encoder.dim,
-        preprocess=encoder.spec.to_dict(),
-        precision=encoder.precision,
-        weights_sha256=None if meta is None else meta.weights.sha256,
-        dtype=dtype,
-        source=encoder.source,
-    )
+    return encoder.provenance(dtype=dtype)
 
 
 def _blocks(encoder: Encoder, texts: Sequence[str], dtype: str, bar: object) -> Iterator[np.ndarray]:

@@ -15,8 +15,9 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+import string
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ from .bundle import Towers, cpu_only, load_bundle, load_open_clip, tensorrt_unav
 from .devices import check_cuda, device_string, parse_devices
 from .images import as_image_list
 from .metadata import PreprocessSpec
-from .pipeline import ImagePipeline, Item, ItemError, Merge, QueueOptions, l2_normalize
+from .pipeline import ImagePipeline, ItemError, Merge, QueueOptions, Stream, l2_normalize
+from .provenance import Provenance
 from .tokenizer import Tokenizer
 
 ON_ERROR = ("raise", "nan")
@@ -38,6 +40,31 @@ DEFAULT_TEMPLATE = "a photo of a {}."
 DEFAULT_LOGIT_SCALE = 100.0
 
 log = logging.getLogger(__name__)
+
+
+def check_template(template: str) -> None:
+    """A zero-shot prompt template holds exactly one ``{}`` (where the label goes) and no other
+    field; literal braces are written ``{{`` and ``}}``. ValueError saying what is wrong."""
+    literal = "write literal braces as '{{' and '}}'"
+    if not isinstance(template, str):
+        raise TypeError(f"template must be a str, got {type(template).__name__}")
+    try:
+        fields = [
+            (name, spec, conv)
+            for _, name, spec, conv in string.Formatter().parse(template)
+            if name is not None
+        ]
+    except ValueError as e:
+        raise ValueError(f"template {template!r}: {e}; {literal}") from e
+    if fields != [("", "", None)]:
+        others = [
+            "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+            for name, spec, conv in fields
+        ]
+        found = others or "none"
+        raise ValueError(
+            f"template {template!r}: expected exactly one '{{}}' for the label, found {found}; {literal}"
+        )
 
 
 def top_labels(probs: np.ndarray, labels: Sequence[str], top_k: int) -> list[tuple[str, float]]:
@@ -234,6 +261,7 @@ class Encoder:
 
     def _start(self, towers: Towers, options: QueueOptions) -> None:
         self._towers = towers
+        self._engine_sha256: str | None = None
         self._images = ImagePipeline(towers.images, towers.spec, options)
         self._text_lock = threading.Lock()
         self._text_engine: _C.Engine | None = None
@@ -300,6 +328,29 @@ class Encoder:
     def logit_scale(self) -> float | None:
         return self._towers.logit_scale
 
+    def provenance(self, *, dtype: str = "float32", normalized: bool = True) -> Provenance:
+        """What identifies this Encoder's embeddings, as every output records it: model, the weights'
+        sha256 (from the sidecar; where it is unknown, as for random weights or an engine without
+        sidecar, the sha256 of the image engine's files instead), preprocessing, embed dim, the
+        engines' precision, ``normalized``, the stored ``dtype``, and how to open the model again."""
+        towers = self._towers
+        engine_sha256 = None
+        if towers.weights_sha256 is None and towers.engine_files:
+            if self._engine_sha256 is None:
+                self._engine_sha256 = metadata.sha256_file(*towers.engine_files)
+            engine_sha256 = self._engine_sha256
+        return Provenance(
+            model=self.model,
+            embed_dim=self.dim,
+            preprocess=dataclasses.asdict(self.spec),
+            precision=self.precision,
+            weights_sha256=towers.weights_sha256,
+            engine_sha256=engine_sha256,
+            normalized=normalized,
+            dtype=dtype,
+            source=towers.source,
+        )
+
     @property
     def logit_bias(self) -> float | None:
         return self._towers.logit_bias
@@ -313,11 +364,12 @@ class Encoder:
 
         ``images`` takes what :func:`nvclip_fast.preprocess` takes: a sequence of uint8 numpy arrays
         (H, W, 3) RGB, (H, W) gray, (H, W, 4) RGBA, PIL images, file paths, encoded bytes, uint8
-        torch tensors (H, W, C), or an (N, H, W, C) array. Files and bytes are decoded here, in
-        parallel, at most ``decode_ahead_mb`` of pixels ahead of the queue (so memory stays bounded);
-        this call returns once all are queued. With ``on_error="raise"`` an undecodable item raises
-        ``ItemError`` (a ValueError naming its index) at once, and one refused by preprocessing sets
-        the Future's exception; with ``on_error="nan"`` bad items get NaN rows. ``normalize``
+        torch tensors (C, H, W) as torchvision gives them, or an (N, H, W, C) array / (N, C, H, W)
+        tensor. Files and bytes are decoded here, in parallel, at most ``decode_ahead_mb`` of pixels
+        ahead of the queue (so memory stays bounded); this call returns once all are queued. With
+        ``on_error="raise"`` the first bad item raises ``ItemError`` (a ValueError naming its index:
+        one that cannot be decoded, or that preprocessing refuses); with ``on_error="nan"`` bad items
+        get NaN rows. ``normalize``
         L2-normalizes the rows (the exported engines already do). ``output``: ``"numpy"`` or
         ``"torch"``. Callbacks added to the Future run on the queue's completion thread: they must
         not wait on this Encoder.
@@ -358,9 +410,10 @@ class Encoder:
 
     def _stream(
         self, items: Sequence[Any], *, load: Callable[[Any], Any] | None, batch: int, workers: int
-    ) -> Iterator[Item]:
-        """The bulk jobs' way in (``embed_files``): every item in order with its L2-normalized row or
-        its error, a few batches in flight, decoded on ``workers`` threads (``load`` runs there)."""
+    ) -> Stream:
+        """The bulk jobs' way in (``embed_files``): groups of items in order, each item with its
+        L2-normalized row or its error, a few batches in flight, decoded on ``workers`` threads
+        (``load`` runs there). See :class:`~nvclip_fast.pipeline.Stream`."""
         return self._images.stream(items, load=load, batch=batch, workers=workers)
 
     @staticmethod
@@ -418,8 +471,7 @@ class Encoder:
         if not labels:
             raise ValueError("labels is empty")
         for t in templates:
-            if "{}" not in t:
-                raise ValueError(f"template {t!r} has no '{{}}' for the label")
+            check_template(t)
         key = (tuple(labels), tuple(templates))
         with self._text_lock:
             cached = self._label_cache.get(key)
@@ -461,9 +513,9 @@ class Encoder:
     # -- lifetime -------------------------------------------------------------------------------
 
     def close(self, cancel: bool = False) -> None:
-        """Finish the work in flight (``cancel=True``: fail it with an error) and release the engines."""
-        if self._images.closed:
-            return
+        """Finish the work in flight (``cancel=True``: fail it with an error) and release the engines.
+        From any thread, a Future's done-callback included (the queue is then closed by a thread of
+        its own, which a later close() waits for); calling it again does no harm."""
         self._images.close(cancel=cancel)
         with self._text_lock:
             if self._text_runner is not None:

@@ -8,7 +8,9 @@ An export writes, next to each other::
     vith.json                           this sidecar
     bpe_simple_vocab_16e6.txt.gz        the CLIP BPE vocabulary (CLIP-BPE tokenizers)
 
-Every file name in the sidecar is relative to the sidecar's directory. The engine I/O tensor names,
+Every file name in the sidecar is relative to the sidecar's directory and must name a file inside it
+(no absolute path, no ``..``): a sidecar is data from wherever the bundle came from, so nothing it
+says may reach outside its folder, and its numbers are held to finite ranges. The engine I/O tensor names,
 the schema version, the accepted values and the entries' types (``PreprocessSpec``, ``Tokenizer``,
 ...) are defined here and nowhere else; the exporter writes them, the runtime and the tests read
 them. This module imports only the standard library (and the native module for ``spec._params``).
@@ -27,7 +29,7 @@ import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 __all__ = [
@@ -107,6 +109,20 @@ PLAN_SUFFIX = ".plan"
 SIDECAR_SUFFIX = ".json"
 TEXT_STEM = ".text"  # vith.onnx -> vith.text.onnx: the text tower beside the image tower
 SIDECAR_MODE = 0o644  # tempfile.mkstemp creates 0600 files; a sidecar is meant to be shared
+# Ranges a sidecar's numbers must lie in (far beyond any real model; they bound what loading allocates).
+MAX_SIDECAR_BYTES = 16 << 20
+MAX_BATCH = 4096  # the native queue's limit
+MAX_IMAGE_SIZE = 4096
+MAX_EMBED_DIM = 1 << 16
+MAX_CONTEXT_LENGTH = 1 << 14
+MAX_TENSOR_DIM = 1 << 20
+# CLIP's learned logit scale is capped at 100 in training; SigLIP's ends near 120. Beyond this a
+# softmax over cosines is meaningless (1e308 overflows to inf; a negative scale inverts the ranking).
+MAX_LOGIT_SCALE = 1e4
+MAX_LOGIT_BIAS = 1e4
+# A Hugging Face hub model id ("bert-base-uncased", "org/name"): never a path, so a sidecar cannot
+# make the tokenizer read a folder of its choosing.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 
 
 class MetadataError(ValueError):
@@ -169,6 +185,26 @@ def _float(value: Any, where: str) -> float:
 
 def _opt_float(value: Any, where: str) -> float | None:
     return None if value is None else _float(value, where)
+
+
+def _in_range(value: float, where: str, low: float, high: float, *, open_low: bool = False) -> float:
+    if value < low or value > high or (open_low and value == low):
+        bound = f"({low:g}, {high:g}]" if open_low else f"[{low:g}, {high:g}]"
+        raise _err(where, f"expected a number in {bound}, got {value!r}")
+    return value
+
+
+def _bundle_file(value: Any, where: str) -> str:
+    """A file name of the bundle: relative, inside the sidecar's folder (no ``..``, not absolute)."""
+    name = _str(value, where)
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or "\\" in name or "\x00" in name:
+        raise _err(where, f"expected a file name inside the bundle's folder, got {name!r}")
+    return name
+
+
+def _opt_bundle_file(value: Any, where: str) -> str | None:
+    return None if value is None else _bundle_file(value, where)
 
 
 def _bool(value: Any, where: str) -> bool:
@@ -358,11 +394,17 @@ class Tokenizer:
         _opt_str(self.clean, "tokenizer.clean", TOKENIZER_CLEAN)
         _bool(self.strip_sep_token, "tokenizer.strip_sep_token")
         _opt_str(self.mode, "tokenizer.mode")
-        _opt_str(self.files, "tokenizer.files")
+        _opt_bundle_file(self.files, "tokenizer.files")
+        _int(self.context_length, "tokenizer.context_length", minimum=1)
+        _in_range(self.context_length, "tokenizer.context_length", 1, MAX_CONTEXT_LENGTH)
         if self.kind == CLIP_BPE_KIND:
-            _str(self.vocab, "tokenizer.vocab")
+            _bundle_file(self.vocab, "tokenizer.vocab")
         else:
-            _str(self.name, "tokenizer.name")
+            name = _str(self.name, "tokenizer.name")
+            if not _HUB_ID.fullmatch(name) or ".." in name:
+                raise _err(
+                    "tokenizer.name", f"expected a tokenizer name such as 'bert-base-uncased', got {name!r}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in TOKENIZER_KEYS[self.kind]}
@@ -396,6 +438,7 @@ class TensorSpec:
             raise _err(f"tensor {self.name!r} shape", f"expected [{BATCH_DIM!r}, ...], got {self.shape!r}")
         for i, s in enumerate(shape[1:], 1):
             _int(s, f"tensor {self.name!r} shape[{i}]", minimum=1)
+            _in_range(s, f"tensor {self.name!r} shape[{i}]", 1, MAX_TENSOR_DIM)
         object.__setattr__(self, "shape", shape)
 
     def to_dict(self) -> dict[str, Any]:
@@ -419,6 +462,7 @@ class BatchProfile:
         lo = _int(self.min, "batch.min", minimum=1)
         if not lo <= _int(self.opt, "batch.opt") <= _int(self.max, "batch.max"):
             raise _err("batch", f"expected 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+        _in_range(self.max, "batch.max", 1, MAX_BATCH)
 
     def to_dict(self) -> dict[str, int]:
         return {"min": self.min, "opt": self.opt, "max": self.max}
@@ -448,8 +492,8 @@ class Tower:
         where = f"towers.{tower}"
         d = _mapping(d, where)
         t = cls(
-            onnx=_str(_require(d, "onnx", where), f"{where}.onnx"),
-            plan=_opt_str(d.get("plan"), f"{where}.plan"),
+            onnx=_bundle_file(_require(d, "onnx", where), f"{where}.onnx"),
+            plan=_opt_bundle_file(d.get("plan"), f"{where}.plan"),
             input=TensorSpec.from_dict(_require(d, "input", where), f"{where}.input"),
             output=TensorSpec.from_dict(_require(d, "output", where), f"{where}.output"),
             batch=BatchProfile.from_dict(_require(d, "batch", where), f"{where}.batch"),
@@ -471,12 +515,14 @@ class Tower:
             raise _err(f"{where}.output.shape", f"expected [batch, embed_dim], got {list(self.output.shape)}")
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """The sha256 of a file (a weights checkpoint), as lowercase hex."""
+def sha256_file(*paths: str | os.PathLike[str]) -> str:
+    """The sha256 of a file (a weights checkpoint), or of several read one after the other (an ONNX
+    graph and its external data), as lowercase hex."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(SHA256_CHUNK):
-            h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(SHA256_CHUNK):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -576,7 +622,8 @@ class Metadata:
 
     def __post_init__(self) -> None:
         _str(self.model, "model")
-        _int(self.embed_dim, "embed_dim", minimum=1)
+        _in_range(_int(self.embed_dim, "embed_dim", minimum=1), "embed_dim", 1, MAX_EMBED_DIM)
+        _in_range(self.preprocess.size, "preprocess.size", 1, MAX_IMAGE_SIZE)
         _str(self.precision, "precision", PRECISIONS)
         if self.schema != SCHEMA_VERSION:
             raise _err(
@@ -618,8 +665,9 @@ class Metadata:
                     "tokenizer.context_length",
                     f"expected {self.context_length} (context_length), got {self.tokenizer.context_length}",
                 )
-        _float(self.logit_scale, "logit_scale")
-        _opt_float(self.logit_bias, "logit_bias")
+        _in_range(_float(self.logit_scale, "logit_scale"), "logit_scale", 0, MAX_LOGIT_SCALE, open_low=True)
+        if _opt_float(self.logit_bias, "logit_bias") is not None:
+            _in_range(self.logit_bias, "logit_bias", -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
         if not isinstance(self.versions, Mapping):
             raise _err("versions", f"expected an object, got {self.versions!r}")
         for k, v in self.versions.items():
@@ -694,13 +742,20 @@ def load(path: str | os.PathLike[str], *, check_files: bool = True) -> Metadata:
     """Read and validate a sidecar; with ``check_files``, also require every file it names to exist."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_SIDECAR_BYTES + 1)
     except OSError as e:
-        raise MetadataError(f"cannot read the sidecar {str(path)!r}: {e}") from e
+        raise MetadataError(f"cannot read the sidecar {str(path)!r}: {e.strerror or e}") from e
+    if len(data) > MAX_SIDECAR_BYTES:
+        raise MetadataError(f"{str(path)!r} is over {MAX_SIDECAR_BYTES} bytes: not a sidecar")
     try:
-        raw = json.loads(text)
+        raw = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise MetadataError(f"{str(path)!r} is not UTF-8 text: {e}") from e
     except json.JSONDecodeError as e:
         raise MetadataError(f"{str(path)!r} is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise MetadataError(f"{str(path)!r} is not a sidecar: JSON nested too deeply to read") from e
     try:
         meta = Metadata.from_dict(raw, directory=path.resolve().parent)
     except MetadataError as e:

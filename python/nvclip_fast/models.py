@@ -257,9 +257,13 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weights file not found: {str(path)!r}")
     try:
         if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            obj: Any = load_file(path, device="cpu")
+            try:
+                obj: Any = load_file(path, device="cpu")
+            except SafetensorError as e:  # reported below, as any other unreadable file
+                raise ValueError(f"not a safetensors file ({e})") from e
         else:
             obj = _torch_load(path)
     except pickle.UnpicklingError as e:
@@ -346,10 +350,21 @@ def _fit_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], name: s
     sd.pop("text.transformer.embeddings.position_ids", None)
     resize_pos_embed(sd, model)
     resize_text_pos_embed(sd, model)
+    own = model.state_dict()
+    shapes = [
+        f"{key} {tuple(value.shape)} (the model's: {tuple(own[key].shape)})"
+        for key, value in sd.items()
+        if key in own and tuple(value.shape) != tuple(own[key].shape)
+    ]
+    if shapes:
+        raise CheckpointError(
+            f"{source} does not fit model {name!r}: {len(shapes)} tensor(s) of other shapes: "
+            + "; ".join(shapes[:KEYS_SHOWN])
+        )
     try:
         result = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise CheckpointError(f"{source} does not fit model {name!r}: {e}") from e
+    except RuntimeError as e:  # anything else load_state_dict refuses, on one line
+        raise CheckpointError(f"{source} does not fit model {name!r}: {' '.join(str(e).split())}") from e
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{source} does not fit model {name!r}: {len(result.missing_keys)} missing keys "

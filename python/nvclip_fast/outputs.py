@@ -1,17 +1,24 @@
 """Embedding files written by ``nvclip-fast embed``: Parquet or ``.npy``, always atomically.
 
-- ``OUT.parquet``: columns ``path`` (file path, or ``<tar>::<member>``), ``embedding`` (fixed-size
-  list of float32/float16), ``width``, ``height`` (the image's size as stored); rows in input
-  order; the job's metadata (model, embed_dim, dtype, preprocessing) in the schema metadata.
-- ``OUT.npy``: the ``(N, D)`` embeddings, with ``OUT.paths.txt`` beside it (one id per line).
-- ``OUT.errors.jsonl``: one ``{"path": ..., "error": ...}`` line per input that was not embedded.
+- ``OUT.parquet``: columns ``path`` (the input's id, see ``sources``: a file path, or
+  ``<tar>::<member>``), ``embedding`` (fixed-size list of float32/float16), ``width``, ``height``
+  (the image's size as stored); rows in input order; the provenance (``provenance.Provenance`` as
+  JSON: model, weights sha256, preprocessing, embed dim, precision, dtype, package version,
+  creation time) in the schema metadata under the key ``nvclip_fast``.
+- ``OUT.npy``: the ``(N, D)`` embeddings; ``OUT.npy.ids.jsonl`` beside it, the N ids in row order,
+  one JSON string per line (JSON escapes every newline and non-ASCII character, so a line is
+  exactly one id, whatever the file names hold); ``OUT.npy.provenance.json``, the provenance.
+- ``OUT.parquet.errors.jsonl`` / ``OUT.npy.errors.jsonl``: one ``{"path": id, "error": reason}`` line
+  per input that has no row of its own (failed, skipped, or a duplicate of an earlier input);
+  written only when there is one.
 
 Every file is written to a temporary name in the same directory and renamed into place, so an
-interrupted run never leaves a truncated file (for ``.npy`` the ``.npy`` rename comes last, and a
-pair whose lengths disagree is treated as absent). While a run is going, finished rows are saved in
-chunks under ``OUT.inprogress/`` (each chunk written atomically too); ``--resume`` reads them and
-the previous ``OUT`` to skip what is already done, and a finished run removes that folder. Rows are
-written out block by block, so memory stays bounded whatever the number of images.
+interrupted run never leaves a truncated file (for ``.npy`` the ``.npy`` rename comes last, and an
+``.npy`` whose ids file disagrees with it is treated as absent). While a run is going, finished
+rows are saved in chunks under ``OUT.inprogress/`` (each chunk written atomically too, with the
+job's provenance in ``meta.json``); ``--resume`` reads them and the previous ``OUT`` to skip what is
+already done, and a finished run removes that folder. Rows are written out block by block, so
+memory stays bounded whatever the number of images.
 """
 
 from __future__ import annotations
@@ -31,19 +38,30 @@ from typing import Any
 
 import numpy as np
 
+from .provenance import PARQUET_KEY, Provenance, ProvenanceError
+
 PARQUET_SUFFIX = ".parquet"
 NPY_SUFFIX = ".npy"
 OUTPUT_SUFFIXES = (PARQUET_SUFFIX, NPY_SUFFIX)
-PATHS_SUFFIX = ".paths.txt"
+# Files beside OUT, named OUT + suffix: OUT.npy.ids.jsonl, OUT.parquet.errors.jsonl, ...
+IDS_SUFFIX = ".ids.jsonl"
+PROVENANCE_SUFFIX = ".provenance.json"
 ERRORS_SUFFIX = ".errors.jsonl"
 INPROGRESS_SUFFIX = ".inprogress"
+# OUT.paths.txt (OUT's stem + this): the ids of .npy outputs of earlier versions, one raw path per
+# line, ambiguous for names holding line breaks; never read back.
+LEGACY_PATHS_SUFFIX = ".paths.txt"
 CHECKPOINT_META = "meta.json"
 _CHUNK_PREFIX = "chunk-"
 _CHUNK_GLOB = f"{_CHUNK_PREFIX}*.npz"
-PARQUET_METADATA_KEY = b"nvclip_fast"
 BLOCK_ROWS = 8192  # rows per Parquet row group, and per block of the final assembly
 SEGMENT_CACHE = 4  # stored segments (chunks, row groups) kept loaded while assembling
 NO_SIZE = -1  # width/height of rows read back from .npy, which keeps no sizes
+
+
+class OutputExistsError(FileExistsError):
+    """An output (or an interrupted run's rows) is already there and the job was not told to
+    replace it (``overwrite``) or add to it (``resume``)."""
 
 
 @dataclass
@@ -89,8 +107,12 @@ def check_output_path(out: str | os.PathLike[str]) -> Path:
 
 
 def sibling(out: Path, suffix: str) -> Path:
-    """``OUT.errors.jsonl``, ``OUT.paths.txt``, ...: ``suffix`` replaces OUT's own suffix."""
-    return out.with_name(out.stem + suffix)
+    """The file beside ``out`` named ``out``'s full name + ``suffix`` (``emb.npy.ids.jsonl``)."""
+    return out.with_name(out.name + suffix)
+
+
+def _is_npy(out: Path) -> bool:
+    return out.suffix.lower() == NPY_SUFFIX
 
 
 @functools.cache
@@ -119,25 +141,32 @@ def atomic_path(final: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def existing(out: Path) -> list[Path]:
+    """What a job writing ``out`` would replace: OUT, the files beside it, an interrupted run's rows."""
+    names = [out, sibling(out, ERRORS_SUFFIX), sibling(out, INPROGRESS_SUFFIX)]
+    if _is_npy(out):
+        names += [sibling(out, IDS_SUFFIX), sibling(out, PROVENANCE_SUFFIX)]
+    return [p for p in names if p.exists()]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Final outputs
 
 
 def write_output(
-    out: Path,
-    ids: Sequence[str],
-    blocks: Iterable[Rows],
-    dim: int,
-    dtype: str,
-    metadata: dict[str, Any] | None = None,
+    out: Path, ids: Sequence[str], blocks: Iterable[Rows], dim: int, dtype: str, provenance: Provenance
 ) -> None:
     """Write the rows of ``blocks`` (in order, together exactly ``ids``) to ``out``, atomically and
     one block at a time: Parquet row groups, or an ``.npy`` filled through a memory map."""
     out = check_output_path(out)
-    if out.suffix.lower() == PARQUET_SUFFIX:
-        _write_parquet(out, blocks, dim, dtype, metadata or {})
+    if not _is_npy(out):
+        _write_parquet(out, blocks, dim, dtype, provenance)
         return
-    with atomic_path(out) as tmp_npy, atomic_path(sibling(out, PATHS_SUFFIX)) as tmp_paths:
+    with (
+        atomic_path(out) as tmp_npy,
+        atomic_path(sibling(out, IDS_SUFFIX)) as tmp_ids,
+        atomic_path(sibling(out, PROVENANCE_SUFFIX)) as tmp_provenance,
+    ):
         array = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=dtype, shape=(len(ids), dim))
         start = 0
         for block in blocks:
@@ -147,12 +176,15 @@ def write_output(
         del array
         if start != len(ids):
             raise ValueError(f"write_output: got {start} rows for {len(ids)} ids")
-        tmp_paths.write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
-        # Leaving the block renames .paths.txt, then the .npy: the .npy is the commit point, and a
-        # pair left inconsistent by a crash in between is recognized (and ignored) by output_segments.
+        with open(tmp_ids, "w", encoding="ascii") as f:
+            for i in ids:
+                f.write(json.dumps(i) + "\n")  # ensure_ascii: no raw line separator inside a line
+        tmp_provenance.write_text(provenance.to_json() + "\n", encoding="utf-8")
+        # Leaving the block renames the provenance, the ids, then the .npy (the commit point); a set
+        # left inconsistent by a crash in between is recognized (and ignored) by output_segments.
 
 
-def _parquet_schema(dim: int, dtype: str, metadata: dict[str, Any]) -> Any:
+def _parquet_schema(dim: int, dtype: str, provenance: Provenance) -> Any:
     import pyarrow as pa
 
     value = pa.float16() if dtype == "float16" else pa.float32()
@@ -164,14 +196,14 @@ def _parquet_schema(dim: int, dtype: str, metadata: dict[str, Any]) -> Any:
             ("height", pa.int32()),
         ]
     )
-    return schema.with_metadata({PARQUET_METADATA_KEY: json.dumps(metadata).encode()})
+    return schema.with_metadata({PARQUET_KEY: provenance.to_json().encode()})
 
 
-def _write_parquet(out: Path, blocks: Iterable[Rows], dim: int, dtype: str, metadata: dict[str, Any]) -> None:
+def _write_parquet(out: Path, blocks: Iterable[Rows], dim: int, dtype: str, provenance: Provenance) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = _parquet_schema(dim, dtype, metadata)
+    schema = _parquet_schema(dim, dtype, provenance)
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for block in blocks:
             values = pa.array(np.ascontiguousarray(block.embeddings, dtype=dtype).reshape(-1))
@@ -187,20 +219,35 @@ def _write_parquet(out: Path, blocks: Iterable[Rows], dim: int, dtype: str, meta
             writer.write_table(table, row_group_size=BLOCK_ROWS)
 
 
+def read_ids(path: Path) -> list[str]:
+    """The ids of an ``.ids.jsonl`` file: one JSON string per line."""
+    ids = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                value = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{number}: not a JSON string: {e}") from e
+            if not isinstance(value, str):
+                raise ValueError(f"{path}:{number}: expected a JSON string, got {type(value).__name__}")
+            ids.append(value)
+    return ids
+
+
 def output_segments(out: Path) -> list[Segment]:
     """A previously written output as segments (Parquet row groups, or the whole ``.npy`` through
-    a memory map); [] when there is none, or when an ``.npy`` and its ``.paths.txt`` disagree."""
+    a memory map); [] when there is none, or when an ``.npy`` and its ids file disagree."""
     out = check_output_path(out)
     if not out.is_file():
         return []
-    if out.suffix.lower() == PARQUET_SUFFIX:
+    if not _is_npy(out):
         return _parquet_segments(out)
-    paths = sibling(out, PATHS_SUFFIX)
+    ids_path = sibling(out, IDS_SUFFIX)
     embeddings = np.load(out, mmap_mode="r")
-    ids = paths.read_text(encoding="utf-8").splitlines() if paths.is_file() else []
+    ids = read_ids(ids_path) if ids_path.is_file() else []
     if len(ids) != embeddings.shape[0]:
         warnings.warn(
-            f"{out} has {embeddings.shape[0]} rows but {paths} lists {len(ids)} ids (a write was "
+            f"{out} has {embeddings.shape[0]} rows but {ids_path} lists {len(ids)} ids (a write was "
             "interrupted?): ignoring them, their images will be embedded again",
             UserWarning,
             stacklevel=2,
@@ -233,9 +280,9 @@ def _parquet_segments(out: Path) -> list[Segment]:
     return segments
 
 
-def read_output(out: Path) -> Rows | None:
+def read_output(out: str | os.PathLike[str]) -> Rows | None:
     """A whole previously written output in memory (small outputs, tests), or None."""
-    segments = output_segments(out)
+    segments = output_segments(Path(out))
     if not segments:
         return None
     loaded = [s.load() for s in segments]
@@ -247,19 +294,29 @@ def read_output(out: Path) -> Rows | None:
     )
 
 
-def output_metadata(out: Path) -> dict[str, Any] | None:
-    """What a previous output says about the job that wrote it: its Parquet metadata, or for
-    ``.npy`` what the array shows (``embed_dim``, ``dtype``); None when there is no output."""
+def read_provenance(out: str | os.PathLike[str]) -> Provenance | None:
+    """The provenance of a previously written output; None when there is no output. Raises
+    ProvenanceError for an output that has none (another tool, or an older nvclip-fast)."""
     out = check_output_path(out)
     if not out.is_file():
         return None
-    if out.suffix.lower() == PARQUET_SUFFIX:
+    if not _is_npy(out):
         import pyarrow.parquet as pq
 
-        meta = pq.read_schema(out).metadata or {}
-        return json.loads(meta.get(PARQUET_METADATA_KEY, b"{}"))
-    array = np.load(out, mmap_mode="r")
-    return {"embed_dim": int(array.shape[1]), "dtype": str(array.dtype)}
+        stored = (pq.read_schema(out).metadata or {}).get(PARQUET_KEY)
+        if stored is None:
+            raise ProvenanceError(f"{out} has no provenance (no {PARQUET_KEY.decode()!r} schema metadata)")
+        return Provenance.from_json(stored, str(out))
+    path = sibling(out, PROVENANCE_SUFFIX)
+    if not path.is_file():
+        legacy = out.with_name(out.stem + LEGACY_PATHS_SUFFIX)
+        older = f" (it has {legacy.name}: an older nvclip-fast wrote it)" if legacy.is_file() else ""
+        raise ProvenanceError(f"{out} has no provenance: {path.name} is missing{older}")
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise ProvenanceError(f"{path}: unreadable: {e}") from e
+    return Provenance.from_json(text, str(path))
 
 
 def assemble(
@@ -297,9 +354,13 @@ def assemble(
         yield Rows(ids, embeddings, widths, heights)
 
 
-def write_errors(out: Path, errors: Iterable[tuple[str, str]]) -> Path:
-    """``OUT.errors.jsonl``: one line per input that was not embedded (written even when empty)."""
+def write_errors(out: Path, errors: Sequence[tuple[str, str]]) -> Path | None:
+    """``OUT.<ext>.errors.jsonl``: one line per input without a row of its own; written only when
+    there is one (a stale file from an earlier run is removed). Returns its path, or None."""
     path = sibling(out, ERRORS_SUFFIX)
+    if not errors:
+        path.unlink(missing_ok=True)
+        return None
     with atomic_path(path) as tmp:
         tmp.write_text(
             "".join(json.dumps({"path": i, "error": e}) + "\n" for i, e in errors), encoding="utf-8"
@@ -313,10 +374,10 @@ def write_errors(out: Path, errors: Iterable[tuple[str, str]]) -> Path:
 
 class Checkpoint:
     """Rows finished by a run that has not written OUT yet: chunk files in ``OUT.inprogress/``,
-    with the job's metadata in ``meta.json`` so that a resume can check it is the same job."""
+    with the job's provenance in ``meta.json`` so that a resume can check it is the same job."""
 
     def __init__(self, out: Path):
-        self.dir = sibling(out, out.suffix + INPROGRESS_SUFFIX)
+        self.dir = sibling(out, INPROGRESS_SUFFIX)
 
     def exists(self) -> bool:
         return self.dir.is_dir()
@@ -324,15 +385,23 @@ class Checkpoint:
     def _chunks(self) -> list[Path]:
         return sorted(self.dir.glob(_CHUNK_GLOB)) if self.exists() else []
 
-    def metadata(self) -> dict[str, Any] | None:
+    def provenance(self) -> Provenance | None:
+        """The provenance of the rows saved here; None when nothing is saved. ProvenanceError when
+        rows are saved without one (an older nvclip-fast)."""
         path = self.dir / CHECKPOINT_META
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if not path.is_file():
+            if self._chunks():
+                raise ProvenanceError(
+                    f"{self.dir} holds rows without provenance ({CHECKPOINT_META} is missing)"
+                )
+            return None
+        return Provenance.from_json(path.read_bytes(), str(path))
 
-    def start(self, metadata: dict[str, Any]) -> None:
-        """Create the folder for a job described by ``metadata`` (kept when resuming the same job)."""
+    def start(self, provenance: Provenance) -> None:
+        """Create the folder for a job of ``provenance`` (kept when resuming the same job)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.dir / CHECKPOINT_META) as tmp:
-            tmp.write_text(json.dumps(metadata), encoding="utf-8")
+            tmp.write_text(provenance.to_json(), encoding="utf-8")
 
     def segments(self) -> list[Segment]:
         segments = []
@@ -346,6 +415,10 @@ class Checkpoint:
 
             segments.append(Segment(ids, load))
         return segments
+
+    def rows(self) -> int:
+        """How many rows are saved here."""
+        return sum(len(s.ids) for s in self.segments())
 
     def append(self, rows: Rows) -> None:
         if not rows.ids:

@@ -9,7 +9,9 @@ pool, the rest in the caller's thread, at most ``DECODE_AHEAD_PER_THREAD`` items
 header, in item order, and waits until they fit (a call holding nothing takes any one image). A
 group (the decoded items ready in order, at most a batch) is copied into the queue's staging ring
 at once and its bytes given back. Every item ends as one row or one reason: why it could not be
-decoded, why preprocessing refused it (a NaN row), or its batch's engine error.
+decoded or why preprocessing refuses it (both known when it is decoded; a NaN row), or its batch's
+engine error. A bulk job (:class:`Stream`) decodes and queues on a feeder thread, so that its
+caller's thread only waits for rows: it gets each group as soon as it is back, and Ctrl-C at once.
 """
 
 from __future__ import annotations
@@ -43,6 +45,16 @@ DEFAULT_DECODE_AHEAD_MB = 512
 DEFAULT_STAGING_MB = {"cpu": 64, "cuda": 0}
 # The bulk jobs keep this many batches of images queued ahead of the rows they hand back.
 BATCHES_IN_FLIGHT = 4
+# When max_batch is not given, the engine's optimal batch, but at most what keeps the engine's input
+# buffers (one batch per stream) within this many bytes: a sidecar cannot make an Encoder allocate
+# gigabytes at load (a CUDA engine's default staging ring follows the batch size).
+ENGINE_INPUT_BUDGET = 512 * MIB
+# How long a bulk job waits for its feeder thread after it stopped early (Ctrl-C): the feeder ends
+# by itself once its current decode or staging copy is done.
+FEEDER_JOIN_S = 1.0
+# Set while one of this module's callbacks runs on a queue's completion thread (where a Future's
+# done-callbacks run): close() there must not wait for the queue, which waits for the callback.
+_completion = threading.local()
 
 
 class ItemError(ValueError):
@@ -57,12 +69,13 @@ class ItemError(ValueError):
 @dataclass(frozen=True)
 class QueueOptions:
     """How an Encoder feeds its image engine (its constructors' keyword arguments): ``max_batch``
-    images per batch (None: the engine's optimal batch), waiting ``max_delay_ms`` to fill; ``streams``
+    images per batch (None: the engine's optimal batch, at most what keeps ``ENGINE_INPUT_BUDGET`` of
+    engine input over the streams of every device), waiting ``max_delay_ms`` to fill; ``streams``
     batches in flight per device; ``staging_mb`` of staging ring (None: 64 MiB for CPU engines; for
     CUDA engines (streams x devices + 1) full batches of 640 x 480 photos, at least 256 MiB);
     ``threads`` for decoding and preprocessing (and ONNX Runtime), None = every core, split between
-    CPU replicas;
-    ``decode_ahead_mb`` of decoded pixels held ahead of the queue, all callers together."""
+    CPU replicas; ``decode_ahead_mb`` of decoded pixels held ahead of the queue, all callers
+    together."""
 
     max_batch: int | None = None
     max_delay_ms: float = 2.0
@@ -181,15 +194,19 @@ class Merge:
         queue.submit(pixels, lambda request: self._back(positions, request))
 
     def _back(self, positions: list[int], request: _C.Request) -> None:
+        _completion.active = True
         try:
-            rows = request.result()
-        except BaseException as e:  # EngineError: the batch failed, or the queue was closed
-            with self._lock:
-                self._failure = self._failure or e
-        else:
-            self.rows[positions] = rows
-            self.errors.update((positions[k], why) for k, why in enumerate(request.item_errors) if why)
-        self.seal()
+            try:
+                rows = request.result()
+            except BaseException as e:  # EngineError: the batch failed, or the queue was closed
+                with self._lock:
+                    self._failure = self._failure or e
+            else:
+                self.rows[positions] = rows
+                self.errors.update((positions[k], why) for k, why in enumerate(request.item_errors) if why)
+            self.seal()
+        finally:
+            _completion.active = False
 
     def seal(self) -> None:
         """No more requests: the future resolves when the last one is back (now, if none is out)."""
@@ -212,6 +229,14 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
         return x / norms
 
 
+def default_max_batch(info: _C.EngineInfo, streams: int) -> int:
+    """The engine's optimal batch, at most what keeps ``streams`` batches of input within
+    ``ENGINE_INPUT_BUDGET``."""
+    spec = info.inputs[0]
+    image_bytes = int(np.prod(spec.shape[1:])) * np.dtype(spec.dtype).itemsize
+    return max(1, min(info.batch[1], ENGINE_INPUT_BUDGET // (max(streams, 1) * image_bytes)))
+
+
 class ImagePipeline:
     """An Encoder's images: the native queue over its image engines (one replica per device, each
     with its own preprocessing stage; CPU replicas share ``threads``), the decoding threads and the
@@ -227,7 +252,7 @@ class ImagePipeline:
         staging_mb = options.staging_mb if options.staging_mb is not None else DEFAULT_STAGING_MB[device]
         self.queue = _C.BatchQueue(
             list(zip(engines, self.stages, strict=True)),
-            max_batch=options.max_batch or 0,
+            max_batch=options.max_batch or default_max_batch(engines[0].info, options.streams * len(engines)),
             max_delay_ms=options.max_delay_ms,
             streams=options.streams,
             staging_bytes=staging_mb * MIB,
@@ -238,6 +263,8 @@ class ImagePipeline:
         self._threads = options.threads or os.cpu_count() or 1
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="nvclip-decode")
         self._budget = _Budget(options.decode_ahead_mb * MIB)
+        self._close_lock = threading.Lock()
+        self._closer: threading.Thread | None = None
 
     def submit(
         self, items: Sequence[Any], finish: Callable[[Merge], Any], *, raise_item_errors: bool
@@ -246,15 +273,15 @@ class ImagePipeline:
         (``finish(merge)`` once the rows are back). A bad item's row stays NaN, or, with
         ``raise_item_errors``, an item that cannot be decoded raises ItemError at once."""
         merge = Merge(len(items), self.dim, finish)
+        turns = _Turns(self._budget)
         try:
             with contextlib.closing(
-                self._groups(items, self._pool, self._threads, self.queue.max_batch)
+                self._groups(items, self._pool, self._threads, self.queue.max_batch, turns)
             ) as groups:
                 for group in groups:
                     good = [item for item in group if item.error is None]
                     if raise_item_errors and len(good) < len(group):
-                        bad = next(item for item in group if item.error is not None)
-                        raise ItemError(bad.index, str(bad.error)) from bad.cause
+                        raise _first_error(merge, next(item for item in group if item.error is not None))
                     merge.queue(self.queue, [item.index for item in good], [item.pixels for item in good])
         except (RuntimeError, concurrent.futures.CancelledError) as e:
             if self.closed:  # close() shut the decoding pool down under us
@@ -265,28 +292,9 @@ class ImagePipeline:
 
     def stream(
         self, items: Sequence[Any], *, load: Callable[[Any], Any] | None, batch: int, workers: int
-    ) -> Iterator[Item]:
-        """Every item, in order, with its L2-normalized ``row`` or its ``error``, as soon as its group
-        is back: decoded on ``workers`` threads of its own (``load`` turns an item into an image
-        there), queued in groups of at most ``batch``, up to ``BATCHES_IN_FLIGHT`` batches ahead."""
-        in_flight: collections.deque[tuple[list[Item], list[Item], Merge]] = collections.deque()
-        queued = 0
-        with (
-            concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="nvclip-decode") as pool,
-            contextlib.closing(self._groups(items, pool, workers, batch, load)) as groups,
-        ):
-            for group in groups:
-                good = [item for item in group if item.error is None]
-                merge = Merge(len(good), self.dim, lambda m: l2_normalize(m.rows))
-                merge.queue(self.queue, range(len(good)), [item.pixels for item in good])
-                merge.seal()
-                in_flight.append((group, good, merge))
-                queued += len(good)
-                while in_flight and (queued > BATCHES_IN_FLIGHT * batch or in_flight[0][2].future.done()):
-                    queued -= len(in_flight[0][1])
-                    yield from _settled(*in_flight.popleft())
-            while in_flight:
-                yield from _settled(*in_flight.popleft())
+    ) -> Stream:
+        """A bulk job's items through the queue (see :class:`Stream`)."""
+        return Stream(self, items, load=load, batch=batch, workers=workers)
 
     def _groups(
         self,
@@ -294,12 +302,13 @@ class ImagePipeline:
         pool: concurrent.futures.Executor,
         threads: int,
         batch: int,
+        turns: _Turns,
         load: Callable[[Any], Any] | None = None,
     ) -> Iterator[list[Item]]:
         """The decode-ahead: ``items`` decoded in order, in groups of at most ``batch`` (those ready
-        when the first is). A group's bytes count against the budget until the next group is asked
-        for: queue it before. Closing the generator cancels the decodes not yet taken."""
-        turns = _Turns(self._budget)
+        when the first is), their bytes taken in ``turns``. A group's bytes count against the budget
+        until the next group is asked for: queue it before. Closing the generator cancels the decodes
+        not yet taken."""
         pending: collections.deque[concurrent.futures.Future] = collections.deque()
         tickets = itertools.count()
         window = max(batch, threads * DECODE_AHEAD_PER_THREAD)
@@ -348,12 +357,143 @@ class ImagePipeline:
         return decoded
 
     def close(self, cancel: bool = False) -> None:
-        self.closed = True
-        self.queue.close(cancel=cancel)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Close the queue (its work finished, or cancelled) and the decoding threads; from any
+        thread. On the queue's completion thread (a Future's done-callback) the queue cannot wait for
+        itself: a thread of its own closes it, and a later close() elsewhere waits for that thread."""
+        with self._close_lock:
+            first, self.closed = not self.closed, True
+            if first:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                if getattr(_completion, "active", False):
+                    self._closer = threading.Thread(
+                        target=self.queue.close, kwargs={"cancel": cancel}, name="nvclip-close"
+                    )
+                    self._closer.start()
+            closer = self._closer
+        if getattr(_completion, "active", False):
+            return
+        if closer is not None:
+            closer.join()
+        self.queue.close(cancel=cancel)  # returns at once when already closed
 
 
-def _settled(group: list[Item], good: list[Item], merge: Merge) -> Iterator[Item]:
+def _first_error(merge: Merge, bad: Item) -> ItemError:
+    """The ItemError of a call whose item ``bad`` could not be decoded: the first refused item, which
+    may be an earlier one that preprocessing refused in the queue (waited for here)."""
+    merge.seal()
+    concurrent.futures.wait([merge.future])
+    earlier = min(merge.errors, default=bad.index)
+    if earlier < bad.index:
+        return ItemError(earlier, merge.errors[earlier])
+    error = ItemError(bad.index, str(bad.error))
+    error.__cause__ = bad.cause
+    return error
+
+
+class Stream:
+    """A bulk job's items through an Encoder's queue: decoded on ``workers`` threads of its own
+    (``load`` turns an item into an image there) and queued by a feeder thread, in groups of at most
+    ``batch``, up to ``BATCHES_IN_FLIGHT`` batches ahead of the rows handed out.
+
+    Iterating gives the groups in item order, each as soon as its rows are back: lists of items, each
+    with its L2-normalized ``row`` or its ``error``. The iterating thread only waits for results, so
+    a KeyboardInterrupt reaches it at once; :meth:`finished` then gives the groups that were back
+    but not handed out yet, and :meth:`close` (or leaving a ``with`` block) stops the feeder."""
+
+    def __init__(
+        self,
+        pipeline: ImagePipeline,
+        items: Sequence[Any],
+        *,
+        load: Callable[[Any], Any] | None,
+        batch: int,
+        workers: int,
+    ):
+        self._pipeline = pipeline
+        self._turns = _Turns(pipeline._budget)
+        self._cond = threading.Condition()
+        self._queued: collections.deque[tuple[list[Item], list[Item], Merge]] = collections.deque()
+        self._queued_items = 0
+        self._limit = BATCHES_IN_FLIGHT * batch
+        self._stopping = False
+        self._fed = False
+        self._failure: BaseException | None = None
+        self._feeder = threading.Thread(
+            target=self._feed, args=(items, load, batch, workers), name="nvclip-feed", daemon=True
+        )
+        self._feeder.start()
+
+    def _feed(
+        self, items: Sequence[Any], load: Callable[[Any], Any] | None, batch: int, workers: int
+    ) -> None:
+        pipeline = self._pipeline
+        try:
+            with (
+                concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="nvclip-decode") as pool,
+                contextlib.closing(
+                    pipeline._groups(items, pool, workers, batch, self._turns, load)
+                ) as groups,
+            ):
+                for group in groups:
+                    good = [item for item in group if item.error is None]
+                    merge = Merge(len(good), pipeline.dim, lambda m: l2_normalize(m.rows))
+                    merge.queue(pipeline.queue, range(len(good)), [item.pixels for item in good])
+                    merge.seal()
+                    with self._cond:
+                        self._queued.append((group, good, merge))
+                        self._queued_items += len(group)
+                        self._cond.notify_all()
+                        self._cond.wait_for(lambda: self._stopping or self._queued_items <= self._limit)
+                        if self._stopping:
+                            return
+        except BaseException as e:  # handed to the iterating thread, after the groups before it
+            with self._cond:
+                self._failure = e
+        finally:
+            with self._cond:
+                self._fed = True
+                self._cond.notify_all()
+
+    def __iter__(self) -> Iterator[list[Item]]:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queued or self._fed)
+                if not self._queued:
+                    if self._failure is not None and not self._stopping:
+                        raise self._failure
+                    return
+                head = self._queued[0]
+            concurrent.futures.wait([head[2].future])
+            settled = _settled(*head)
+            with self._cond:
+                self._queued.popleft()
+                self._queued_items -= len(head[0])
+                self._cond.notify_all()
+            yield settled
+
+    def finished(self) -> Iterator[list[Item]]:
+        """The groups whose rows are back but were not handed out (after an interruption)."""
+        with self._cond:
+            done = [queued for queued in self._queued if queued[2].future.done()]
+        for queued in done:
+            yield _settled(*queued)
+
+    def close(self) -> None:
+        """Stop feeding: decodes not started are cancelled; waits briefly for the feeder."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._turns.close()
+        self._feeder.join(FEEDER_JOIN_S)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _settled(group: list[Item], good: list[Item], merge: Merge) -> list[Item]:
     """A queued group's items once its rows are back: a row, or why there is none."""
     try:
         rows = merge.future.result()
@@ -366,4 +506,4 @@ def _settled(group: list[Item], good: list[Item], merge: Merge) -> Iterator[Item
                 item.error = f"preprocessing failed: {merge.errors[k]}"
             else:
                 item.row = rows[k]
-    yield from group
+    return group

@@ -37,9 +37,10 @@ except ImportError as e:
     raise ImportError("the search page needs FastAPI: pip install 'nvclip-fast[serve]'") from e
 from PIL import Image
 
-from .collection import Collection, encoder_provenance, read_item
+from .collection import Collection, encoder_provenance
 from .encoder import ItemError
 from .provenance import ProvenanceError
+from .sources import read_id
 
 if TYPE_CHECKING:
     from .encoder import Encoder
@@ -140,7 +141,7 @@ def search_router(
 
     @functools.lru_cache(maxsize=THUMBNAILS_CACHED)
     def make_thumbnail(row: int) -> bytes:
-        return _thumbnail(read_item(collection.ids([row])[0], MAX_SOURCE_BYTES), thumbnail_px)
+        return _thumbnail(read_id(collection.ids([row])[0], max_bytes=MAX_SOURCE_BYTES), thumbnail_px)
 
     @router.get("/v1/thumbnails/{row}", name="thumbnail")
     def thumbnail(row: int) -> Response:

@@ -19,7 +19,7 @@ import html
 import importlib.util
 import itertools
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -271,6 +271,11 @@ class HfTokenizer:
 def _as_text_list(texts: str | Sequence[str]) -> list[str]:
     if isinstance(texts, str):
         return [texts]
+    if isinstance(texts, (bytes, bytearray, memoryview)) or not isinstance(texts, Iterable):
+        raise TypeError(
+            f"texts must be a str or a sequence of str, got {type(texts).__name__}"
+            + (" (decode bytes first: data.decode('utf-8'))" if isinstance(texts, (bytes, bytearray)) else "")
+        )
     texts = list(texts)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
