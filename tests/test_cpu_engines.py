@@ -340,7 +340,9 @@ def test_cli_classify_says_what_ran(tiny, tmp_path, capsys):
 def test_cli_refusals_exit_2(tiny, tmp_path, capsys):
     _, onnx_path = tiny
     out = tmp_path / "e.npy"
-    argv = ["embed", str(tmp_path), "-m", str(onnx_path), "-o", str(out), "--no-progress"]
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)  # the inputs are listed before the model is opened
+    argv = ["embed", str(image), "-m", str(onnx_path), "-o", str(out), "--no-progress"]
     assert cli.main([*argv, "--engine", "onnxruntime", "--precision", "bf16"]) == cli.EXIT_USAGE
     assert "no bf16 arithmetic" in capsys.readouterr().err
     assert cli.main([*argv, "--precision", "fp16"]) == cli.EXIT_USAGE  # a bundle's is fixed at export
