@@ -93,6 +93,19 @@ def test_ratios_come_from_the_rows_and_targets_can_be_missed():
     assert "MISSED" in text
 
 
+def test_ratio_table_with_ranges_over_runs():
+    # A second run where the peer was twice as fast: the ratios' ranges span both runs.
+    again = [
+        tp.Row(r.group, r.label, r.images_per_s * (2 if r.label == "peer" else 1), r.compare) for r in _rows()
+    ]
+    lines = tp.ratio_table([_rows(), again], group_contains="g")
+    assert lines[0].startswith("| benchmark | ours | images/s | peer | images/s | ratio | range (2 runs) |")
+    assert lines[2] == "| g | ours | 300.0 | peer | 100.0 | **3.00×** | 1.50–3.00× | ≥ 1.5×: met |"
+    missed = "| g | slow ours | 120.0 | peer | 100.0 | **1.20×** | 0.60–1.20× | ≥ 1.5×: **missed** |"
+    assert lines[3] == missed
+    assert len(lines) == 4  # "h" has no ratio; "other" and "absent" did not run
+
+
 def test_report_from_a_benchmark_json(tmp_path):
     ours = {"label": "ours", "images_per_s": 300.0, "compare": [{"to": "peer", "target": 1.5, "source": "s"}]}
     bench = {
