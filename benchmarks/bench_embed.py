@@ -90,7 +90,11 @@ def cpu_side_by_side(cpu_model):
                 rows.append(open_clip_forward(torch, cpu_model.model, x).numpy())
         return np.concatenate(rows)
 
-    encoder = nf.Encoder(cpu_model.onnx, device="cpu", threads=threads, max_batch=cpu_model.max_batch)
+    # ONNX Runtime, as the model-only row runs it: the ratio between them is what the pipeline costs.
+    # (The CPU engines against each other: bench_cpu_engines.py.)
+    encoder = nf.Encoder(
+        cpu_model.onnx, device="cpu", engine="onnxruntime", threads=threads, max_batch=cpu_model.max_batch
+    )
     cos = cosines(encoder.embed(photos), peer(map))
     assert cos.min() >= MIN_COS_FP32, f"ours and open_clip disagree: min cosine {cos.min()}"
     # The model-only runs take the images as the pipelines hand them to their models.

@@ -50,6 +50,9 @@ OUT=${OUT:-$REPO/gpu-results}
 SITE=${GPU_CHECK_SITE:-/tmp/nvclip-gpu-check-site}
 BUILD_DIR=build/gpu-check
 WHEELS=$REPO/.whl
+# doctest (the C++ tests' framework) as fill_wheels.sh copies it beside the wheels, for a GPU image
+# without the doctest-dev package.
+DOCTEST_CMAKE_DIR=$WHEELS/doctest/lib/cmake/doctest
 BUDGET_S=${GPU_CHECK_BUDGET_S:-470}   # all steps together: under 8 minutes with the report
 MIN_STEP_S=15                         # a step with less time left than this is skipped
 # Per-step limits (seconds), the expected H100 time in the comment; the overall budget caps them.
@@ -89,6 +92,9 @@ nvcc --version | tail -n 2; cmake --version | head -n 1")
   CMD_build=("$PY" -m pip install --no-index --no-build-isolation --no-deps --upgrade --target "$SITE"
     "-Cbuild-dir=$BUILD_DIR" "-Ccmake.define.CMAKE_CUDA_ARCHITECTURES=$arch" -Ccmake.define.NVCLIP_CUDA=ON
     -Ccmake.define.NVCLIP_BUILD_TESTS=ON .)
+  if [ -f "$DOCTEST_CMAKE_DIR/doctestConfig.cmake" ]; then
+    CMD_build=("${CMD_build[@]:0:${#CMD_build[@]}-1}" "-Ccmake.define.doctest_DIR=$DOCTEST_CMAKE_DIR" .)
+  fi
   CMD_tests=("${PYTEST[@]}" -m "gpu or tensorrt" tests --ignore=tests/test_replicas.py)
   CMD_replicas=("${PYTEST[@]}" -m gpu tests/test_replicas.py)
   CMD_bench=("${PYTEST[@]}" -m "$MARK_BENCH" benchmarks --benchmark-only "--benchmark-json=$OUT/bench.json"
@@ -142,6 +148,11 @@ check_prerequisites() {  # prints findings; returns the number of errors
     elif "$PY" -c "import $module" 2>/dev/null; then echo "  ok       python: $module"
     else missing "python: $module (no wheel for $dist in .whl/; see benchmarks/gpu_wheels.txt)" "$need"; fi
   done
+  # The C++ tests' framework: the system's doctest-dev, or the copy fill_wheels.sh puts in .whl/.
+  if [ -f "$DOCTEST_CMAKE_DIR/doctestConfig.cmake" ]; then echo "  ok       doctest <- .whl/doctest"
+  elif compgen -G "/usr/lib/cmake/doctest/doctestConfig.cmake" >/dev/null \
+    || compgen -G "/usr/local/lib/cmake/doctest/doctestConfig.cmake" >/dev/null; then echo "  ok       doctest (system)"
+  else missing "doctest (apt-get install doctest-dev, or bash benchmarks/fill_wheels.sh on a machine that has it)" host; fi
   # Versions the build needs (pyproject.toml): pybind11 >= 3.0 (py::smart_holder), cmake >= 3.25.
   if "$PY" -c "import pybind11" 2>/dev/null && [ -z "$(wheel_files | grep -i /pybind11-)" ]; then
     if "$PY" -c "import pybind11, sys; sys.exit(int(pybind11.__version__.split('.')[0]) < 3)"; then

@@ -1,11 +1,13 @@
 """What every benchmark shares: timing through pytest-benchmark, images/s, the comparisons that the
-end-of-run summary computes (ours / peer, from the run's own numbers), the targets the issues set,
+end-of-run summary computes (ours / peer, from the run's own numbers), the targets set for them,
 and the GPU's FP16 dense ceiling read off the device.
 
     python benchmarks/throughput.py summary BENCH.json [--markdown OUT.md]
+    python benchmarks/throughput.py table RUN2.json RUN1.json RUN3.json [--group "cpu engines"]
 
-prints the same summary for a ``--benchmark-json`` file; ``gpu-check-report`` writes gpu_check.sh's
-report.
+prints the same summary for a ``--benchmark-json`` file; ``table`` the README's table of ratios for
+the first run, with each ratio's range over all the runs given; ``gpu-check-report`` writes
+gpu_check.sh's report.
 """
 
 from __future__ import annotations
@@ -31,10 +33,14 @@ PREPROCESS_PINNED_VS_COPY = 0.8  # from pinned host memory within 80% of the H2D
 EMBED_CPU_VS_OPEN_CLIP = 1.5  # Encoder(onnx) end to end >= 1.5x open_clip's pipeline
 QUEUE_CALLERS_VS_BATCHED = 0.8  # 32 single-image callers >= 0.8x one batched caller
 EMBED_GPU_VS_MODEL_ONLY = 0.9  # PyTorch engine end to end >= 0.9x model-only
+CPU_ENGINE_GOAL = "CPU engine goal"
+CPU_EXACT_VS_OPEN_CLIP = 1.2  # the exact CPU path (fp32, auto's engine) end to end >= 1.2x open_clip fp32
+CPU_BF16_VS_OPEN_CLIP = 1.8  # the bf16 CPU path end to end >= 1.8x open_clip fp32
+CPU_BF16_VS_AUTOCAST = 1.0  # and ahead of open_clip under torch.autocast("cpu", dtype=torch.bfloat16)
 
 # --- the work: vision-tower FLOPs per image (2 per multiply-add) --------------------------------------
 # Counted by torch.utils.flop_counter.FlopCounterMode on open_clip 3.3's encode_image at batch 1
-# (tests/test_throughput.py recounts them on the meta device); DESIGN.md's performance anchors.
+# (tests/test_throughput.py recounts them on the meta device).
 GFLOP_PER_IMAGE = {
     ("ViT-L-14", 336): 382.0,
     ("ViT-H-14", 336): 781.5,
@@ -301,6 +307,30 @@ def rows_from_json(path: str | os.PathLike[str]) -> list[Row]:
     return rows
 
 
+def ratio_table(runs: Sequence[Sequence[Row]], group_contains: str = "") -> list[str]:
+    """The README's table rows for the ratios of ``runs[0]`` (groups containing ``group_contains``):
+    benchmark, ours and its images/s, the peer and its images/s, the ratio, its range over all
+    ``runs`` (the same benchmarks run again) and the target with its verdict."""
+    first, *_ = runs
+    by_run = [{(r.group, r.label, r.to): r.ratio for r in ratios(rows)} for rows in runs]
+    speed = {(r.group, r.label): r.images_per_s for r in first}
+    lines = [
+        f"| benchmark | ours | images/s | peer | images/s | ratio | range ({len(runs)} runs) | target |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | --- |",
+    ]
+    for r in ratios(first):
+        if group_contains not in r.group:
+            continue
+        seen = [run[(r.group, r.label, r.to)] for run in by_run if (r.group, r.label, r.to) in run]
+        target = "—" if r.target is None else f"≥ {r.target}×: {'met' if r.met else '**missed**'}"
+        ours, peer = speed[(r.group, r.label)], speed[(r.group, r.to)]
+        lines.append(
+            f"| {r.group} | {r.label} | {ours:,.1f} | {r.to} | {peer:,.1f} | **{r.ratio:.2f}×** | "
+            f"{min(seen):.2f}–{max(seen):.2f}× | {target} |"
+        )
+    return lines
+
+
 def markdown(rows: Sequence[Row], title: str) -> str:
     """A short Markdown report: every row's images/s, then the ratios and targets."""
     out = [f"## {title}", "", "| group | benchmark | images/s |", "| --- | --- | ---: |"]
@@ -468,6 +498,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = sub.add_parser("summary", help="ratios of a pytest-benchmark --benchmark-json file")
     summary.add_argument("bench_json")
     summary.add_argument("--markdown", help="also write a Markdown summary here")
+    table = sub.add_parser(
+        "table", help="the README's ratio table from a --benchmark-json file, with ranges over more runs"
+    )
+    table.add_argument("bench_json", nargs="+", help="the run the table shows, then the others")
+    table.add_argument("--group", default="", help="only groups containing this text")
     report = sub.add_parser("gpu-check-report", help="gpu_check.sh's gpu_check.json and gpu_check.md")
     report.add_argument("out", type=Path, help="the folder holding bench.json (if any)")
     report.add_argument("--steps", required=True, help="the step records (TSV)")
@@ -481,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.markdown:
             Path(args.markdown).write_text(markdown(rows, "Benchmarks"))
         return 0 if rows else 1
+    if args.command == "table":
+        runs = [rows_from_json(path) for path in args.bench_json]
+        print("\n".join(ratio_table(runs, args.group)))
+        return 0 if runs[0] else 1
     not_ok = gpu_check_report(args.out, read_steps(args.steps), args.gpu, args.arch, args.seconds)
     print((args.out / "gpu_check.md").read_text())
     return 1 if not_ok else 0

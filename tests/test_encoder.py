@@ -71,7 +71,7 @@ def random_images(n: int, seed: int, lo: int = 8, hi: int = 80) -> list[np.ndarr
 
 @pytest.fixture(scope="module")
 def encoder(tiny):
-    with Encoder(tiny[1], device="cpu", threads=1) as enc:
+    with Encoder(tiny[1], device="cpu", engine="onnxruntime", threads=1) as enc:  # as `direct` runs it
         yield enc
 
 

@@ -33,7 +33,7 @@ from nvclip_fast.tokenizer import load_tokenizer  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 BATCHES = (1, 3, 7)
-# The gate of issue 4: cosine vs open_clip fp32 at least 0.9999 (fp32) / 0.999 (fp16).
+# The export gate: cosine vs open_clip fp32 at least 0.9999 (fp32) / 0.999 (fp16).
 MIN_COS = {"fp32": 0.9999, "fp16": 0.999}
 MAX_BATCH = 8
 PROMPTS = ["a photo of a cat", "", "a diagram, with arrows!", "two dogs " * 40, "un chat", "🙂", "A B C"]
@@ -76,7 +76,7 @@ def text_batch(name: str, model: torch.nn.Module, batch: int) -> np.ndarray:
 
 def run_onnx(path: Path, x: np.ndarray, precision: str) -> np.ndarray:
     options = ort.SessionOptions()
-    if precision == "fp16":  # ORT 1.32 CPU segfaults optimizing open_clip fp16 graphs (REFERENCE 3.2)
+    if precision == "fp16":  # ORT 1.32 CPU segfaults optimizing open_clip fp16 graphs
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x})[0]

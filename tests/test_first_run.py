@@ -25,13 +25,14 @@ pytest.importorskip("onnxruntime")
 
 import nvclip_fast as nf
 import tiny_models  # noqa: F401 (registers tiny-clip and tiny-nvclip with open_clip)
-from nvclip_fast import cache, cli, commands, embed_text, metadata
+from nvclip_fast import cache, cli, commands, embed_text, engines, metadata
 from nvclip_fast.bundle import locate_bundle
 from nvclip_fast.provenance import PARQUET_KEY, Provenance
 
 TESTS = Path(__file__).resolve().parent
 MODEL = "tiny-clip"
 MIN_COS = 0.9999  # the exporter's own fp32 gate: ONNX Runtime vs PyTorch on the same weights
+CPU_ENGINE = engines.cpu_engine_name("auto", "fp32")  # what runs an fp32 bundle on this CPU
 COMMANDS = sorted(next(a for a in cli.build_parser()._actions if a.dest == "command").choices)
 pytestmark = pytest.mark.filterwarnings("ignore::nvclip_fast.metadata.RandomWeightsWarning")
 
@@ -87,8 +88,8 @@ def test_from_pretrained_builds_once_then_loads_from_the_cache(in_shared_cache, 
     monkeypatch.setattr("nvclip_fast.exporter.export", _no_export)
     with nf.Encoder.from_pretrained(MODEL, random_weights=True, device="cpu") as enc:
         assert enc.source == {"model": MODEL, "random_weights": True, "precision": "fp32"}
-        assert (enc.engine, enc.precision, enc.device) == ("onnxruntime", "fp32", "cpu")
-        assert "engine='onnxruntime'" in repr(enc)
+        assert (enc.engine, enc.precision, enc.device) == (CPU_ENGINE, "fp32", "cpu")
+        assert f"engine={CPU_ENGINE!r}" in repr(enc)
         assert enc.embed_text(["a cat"]).shape == (1, enc.dim)
     assert entry.path.stat().st_mtime_ns == built
 
@@ -297,7 +298,7 @@ def test_a_bundle_is_named_by_its_stem_or_any_of_its_files(in_shared_cache):
         Path(f"{stem}.onnx.data"),
     ):
         with nf.Encoder(name, device="cpu") as enc:
-            assert (enc.model, enc.engine) == (MODEL, "onnxruntime")
+            assert (enc.model, enc.engine) == (MODEL, CPU_ENGINE)
             assert enc.source == {"bundle": str(stem.with_suffix(".json"))}
 
 
@@ -318,13 +319,13 @@ def test_a_plan_that_is_not_there_says_what_is_and_how_to_go_on(in_shared_cache,
 
 
 @pytest.mark.skipif(nf.cuda_available(), reason="checks the choice where no GPU is")
-def test_without_a_gpu_the_best_engine_is_onnx_runtime_on_the_cpu(in_shared_cache):
+def test_without_a_gpu_the_best_engine_is_the_cpus(in_shared_cache):
     from nvclip_fast.bundle import tensorrt_unavailable_reason
 
     assert tensorrt_unavailable_reason("auto") == nf._C.cuda_unavailable_reason()
     assert tensorrt_unavailable_reason("cpu") == "the device is the CPU"
     with nf.Encoder(in_shared_cache.sidecar) as enc:
-        assert (enc.engine, enc.device) == ("onnxruntime", "cpu")
+        assert (enc.engine, enc.device) == (CPU_ENGINE, "cpu")
 
 
 @pytest.mark.skipif(nf.cuda_available(), reason="checks the no-GPU message")
@@ -397,7 +398,7 @@ def test_embed_with_a_model_name_twice_hits_the_cache(in_shared_cache, photos, t
         assert f"nvclip-fast: tiny-clip (random weights) from the cache: {in_shared_cache.path}" in err
         assert err.count("RANDOM weights") == 1, err
         assert "embedded 3 of 3 images" in err
-        assert "(tiny-clip on onnxruntime fp32, cpu)" in err
+        assert f"(tiny-clip on {CPU_ENGINE} fp32, cpu)" in err
     assert in_shared_cache.path.stat().st_mtime_ns == built
     import pyarrow.parquet as pq
 
@@ -413,9 +414,8 @@ def test_classify_with_a_model_name(in_shared_cache, photos, capsys):
 
 
 def test_threads_sets_onnx_runtime_threads(in_shared_cache):
-    args = cli.build_parser().parse_args(
-        ["embed", "x", "-m", str(in_shared_cache.bundle), "-o", "o.npy", "--threads", "1"]
-    )
+    argv = ["embed", "x", "-m", str(in_shared_cache.bundle), "-o", "o.npy", "--threads", "1"]
+    args = cli.build_parser().parse_args([*argv, "--engine", "onnxruntime"])
     with commands.encoder_loader(args, text=None)() as enc:
         assert enc._towers.images[0]._session.get_session_options().intra_op_num_threads == 1
 

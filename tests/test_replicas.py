@@ -188,7 +188,7 @@ def test_cpu_replicas_give_every_caller_the_rows_of_one_device(tiny, tmp_path):
 
 
 def test_cpu_replicas_split_the_threads(tiny):
-    with Encoder(tiny[1], device="cpu,cpu", threads=3) as enc:
+    with Encoder(tiny[1], device="cpu,cpu", engine="onnxruntime", threads=3) as enc:
         sessions = [e._session.get_session_options() for e in enc._towers.images]
         assert [s.intra_op_num_threads for s in sessions] == [2, 1]
         assert [stage.threads for stage in enc._images.stages] == [2, 1]

@@ -745,7 +745,7 @@ def test_queue_metrics_export_every_stat_and_batch_sizes():
 
 
 def _args(**given) -> argparse.Namespace:
-    args = {"pretrained": None, "weights": None, "random_weights": False, "precision": None}
+    args = {"pretrained": None, "weights": None, "random_weights": False, "precision": None, "engine": "auto"}
     return argparse.Namespace(
         **{**args, "device": "cpu", "max_batch": None, "max_delay_ms": None, "threads": None, **given}
     )
@@ -780,7 +780,9 @@ def test_encoder_loader_maps_the_command_line(monkeypatch, tmp_path):
         server.encoder_loader(_args(model="ViT-B-32"))
     with pytest.raises(FileNotFoundError, match="no such file"):
         server.encoder_loader(_args(model=str(tmp_path / "missing.plan")))
-    with pytest.raises(ValueError, match="--precision and --image-size go with a model name"):
+    server.encoder_loader(_args(model=str(onnx), engine="openvino", precision="bf16"))()
+    assert calls[-1] == ((str(onnx),), {"device": "cpu", "engine": "openvino", "precision": "bf16"})
+    with pytest.raises(ValueError, match="--precision fp16 and --image-size go with a model name"):
         server.encoder_loader(_args(model=str(onnx), precision="fp16"))
     with pytest.raises(ValueError, match="is a bundle file"):
         server.encoder_loader(_args(model=str(onnx), random_weights=True))

@@ -74,10 +74,10 @@ def test_gpu_properties_never_guess():
 def _rows():
     Compare, Row = tp.Compare, tp.Row
     return [
-        Row("g", "ours", 300.0, [Compare("peer", 1.5, "issue 5"), Compare("other")]),
+        Row("g", "ours", 300.0, [Compare("peer", 1.5, "embedding goal"), Compare("other")]),
         Row("g", "peer", 100.0),
-        Row("g", "slow ours", 120.0, [Compare("peer", 1.5, "issue 5"), Compare("absent")]),
-        Row("h", "kernel", 50.0, min_images_per_s=100.0, source="issue 3"),
+        Row("g", "slow ours", 120.0, [Compare("peer", 1.5, "embedding goal"), Compare("absent")]),
+        Row("h", "kernel", 50.0, min_images_per_s=100.0, source="preprocessing goal"),
     ]
 
 
@@ -89,8 +89,21 @@ def test_ratios_come_from_the_rows_and_targets_can_be_missed():
     assert got[("slow ours", "peer")].met is False
     assert tp.missed(_rows()) == ["g: slow ours / peer = 1.20x < 1.5x", "h: kernel = 50 img/s < 100"]
     text = "\n".join(tp.summary_lines(_rows()))
-    assert "g: ours / peer = 3.00x  (target >= 1.5x, issue 5: met)" in text
+    assert "g: ours / peer = 3.00x  (target >= 1.5x, embedding goal: met)" in text
     assert "MISSED" in text
+
+
+def test_ratio_table_with_ranges_over_runs():
+    # A second run where the peer was twice as fast: the ratios' ranges span both runs.
+    again = [
+        tp.Row(r.group, r.label, r.images_per_s * (2 if r.label == "peer" else 1), r.compare) for r in _rows()
+    ]
+    lines = tp.ratio_table([_rows(), again], group_contains="g")
+    assert lines[0].startswith("| benchmark | ours | images/s | peer | images/s | ratio | range (2 runs) |")
+    assert lines[2] == "| g | ours | 300.0 | peer | 100.0 | **3.00×** | 1.50–3.00× | ≥ 1.5×: met |"
+    missed = "| g | slow ours | 120.0 | peer | 100.0 | **1.20×** | 0.60–1.20× | ≥ 1.5×: **missed** |"
+    assert lines[3] == missed
+    assert len(lines) == 4  # "h" has no ratio; "other" and "absent" did not run
 
 
 def test_report_from_a_benchmark_json(tmp_path):

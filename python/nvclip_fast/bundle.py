@@ -3,8 +3,9 @@
 A bundle is named by its stem (``vith``) or any of its files (``vith.json``, ``vith.plan``,
 ``vith.onnx``, ``vith.text.onnx``, ...). Named by its stem, sidecar or another file, it runs on the
 best engine the device has: its TensorRT plan where a CUDA device and TensorRT's runtime load, else
-its ONNX towers under ONNX Runtime (with the CUDA provider on a GPU where onnxruntime-gpu has it,
-else on the CPU). Naming ``vith.plan`` or ``vith.onnx`` asks for that engine. The sidecar gives the
+its ONNX towers (under ONNX Runtime's CUDA provider on a GPU where onnxruntime-gpu has it, else on
+the CPU under the engine :func:`engines.cpu_engine_name` picks: OpenVINO or ONNX Runtime). Naming
+``vith.plan`` or ``vith.onnx`` asks for that kind of engine. The sidecar gives the
 preprocessing, tokenizer, logit scale and batch profile; without one (an engine from elsewhere) the
 input size comes from the engine, preprocessing is open_clip's default and text, if any, the CLIP
 BPE tokenizer, with a warning. Loading a bundle never goes to the network. On several devices
@@ -26,7 +27,18 @@ from typing import Any
 from . import _C, metadata, trt_library
 from ._C import EngineError
 from .devices import check_cuda, parse_devices, thread_shares
+from .engines import (
+    BF16_CHECK_TEXTS,
+    CPU_PRECISIONS,
+    ENGINE_CHOICES,
+    ONNXRUNTIME,
+    OPENVINO,
+    bf16_check_images,
+    check_bf16,
+    cpu_engine_name,
+)
 from .metadata import PreprocessSpec
+from .preprocess import preprocess
 from .tokenizer import CLIP_BPE_VOCAB_FILE, DEFAULT_CONTEXT_LENGTH, Tokenizer, load_tokenizer
 
 # The files of a bundle besides the image tower and sidecar, named after its stem as well.
@@ -54,8 +66,8 @@ class Towers:
     logit_scale: float | None = None
     logit_bias: float | None = None
     meta: metadata.Metadata | None = None
-    engine: str = "custom"  # what runs the towers: "tensorrt", "onnxruntime", "torch", or "custom"
-    precision: str = "fp32"  # the engines' arithmetic: "fp32" or "fp16"
+    engine: str = "custom"  # what runs the towers: "tensorrt", "onnxruntime", "openvino", "torch", "custom"
+    precision: str = "fp32"  # the engines' arithmetic: "fp32", "fp16" or "bf16"
     # How to open the same model again (the provenance's ``source``): {"bundle": "/abs/vith.json"},
     # or {"model": NAME, "pretrained": TAG | "weights": PATH | "random_weights": True, ...}.
     source: Mapping[str, Any] | None = None
@@ -172,23 +184,63 @@ def _missing_engine_message(path: Path, files: BundleFiles) -> str:
     return message
 
 
-def load_bundle(path: str | Path, device: str | Sequence[str], threads: int | None) -> Towers:
+def _run_precision(requested: str | None, exported: str, path: Path) -> str:
+    """The arithmetic a bundle's towers run in: ``requested`` (None: as exported), where it can be."""
+    if requested is None or requested == exported:
+        return exported
+    choices = sorted({*metadata.PRECISIONS, *CPU_PRECISIONS})
+    if requested not in choices:
+        raise ValueError(f"precision must be one of {choices}, got {requested!r}")
+    if requested == "bf16" and exported == "fp32":
+        return requested
+    raise ValueError(
+        f"{path} was exported in {exported}: it runs in {exported}"
+        + (" (bf16 runs fp32 bundles)" if requested == "bf16" else "")
+    )
+
+
+def cpu_only(engine: str, precision: str | None) -> bool:
+    """Whether ``engine`` / ``precision`` run on the CPU only (OpenVINO, and bf16 on it); ValueError
+    for an engine that is not one of ``engines.ENGINE_CHOICES``."""
+    if engine not in ENGINE_CHOICES:
+        raise ValueError(f"engine must be one of {list(ENGINE_CHOICES)}, got {engine!r}")
+    return engine == OPENVINO or precision == "bf16"
+
+
+def load_bundle(
+    path: str | Path,
+    device: str | Sequence[str],
+    threads: int | None,
+    *,
+    engine: str = "auto",
+    precision: str | None = None,
+) -> Towers:
     """Engines + preprocessing + tokenizer from an exported bundle (see the module docstring). CPU
-    replicas share ``threads`` (None: every core)."""
+    replicas share ``threads`` (None: every core).
+
+    ``engine`` chooses what runs the ONNX towers on the CPU ("auto": :func:`engines.cpu_engine_name`'s
+    rule); ``precision`` None runs them as exported, "bf16" an fp32 bundle in bf16 on the CPU
+    (OpenVINO), each tower checked against fp32 when it is made (:func:`engines.check_bf16`)."""
     devices = parse_devices(device)
     kind = devices.kind
+    on_cpu = cpu_only(engine, precision)
+    if on_cpu and kind == "cuda":
+        raise ValueError(
+            f"engine={engine!r}, precision={precision!r} run on the CPU: use device='cpu' (or 'auto'), or "
+            "a TensorRT plan on the GPU, which runs in the precision it was exported in"
+        )
     files = locate_bundle(path)
     meta, sidecar = files.meta, files.sidecar
     path = files.named
     if path is None:  # the device picks: the plan where TensorRT runs, else the ONNX towers
         use_plan = files.plan is not None and (
-            files.onnx is None or tensorrt_unavailable_reason(device) is None
+            files.onnx is None or (not on_cpu and tensorrt_unavailable_reason(device) is None)
         )
         path = files.plan if use_plan else files.onnx
     suffix = path.suffix.lower()
     plan = suffix == metadata.PLAN_SUFFIX
-    engine = "tensorrt" if plan else "onnxruntime"
-    precision = meta.precision if meta is not None else "fp32"
+    exported = meta.precision if meta is not None else "fp32"
+    precision = _run_precision(precision, exported, path)
     if meta is not None and meta.weights.source == "random":
         warnings.warn(
             metadata.random_weights_message(meta.model), metadata.RandomWeightsWarning, stacklevel=3
@@ -197,6 +249,12 @@ def load_bundle(path: str | Path, device: str | Sequence[str], threads: int | No
     if plan:
         if kind == "cpu":
             raise ValueError(f"{path}: TensorRT plans run on CUDA devices; use the .onnx with device='cpu'")
+        if on_cpu or engine != "auto":
+            raise ValueError(
+                f"{path}: a TensorRT plan runs on TensorRT in the precision it was exported in; engine= "
+                "and precision='bf16' choose how the .onnx runs on the CPU"
+            )
+        engine = "tensorrt"
 
         def make(p: Path, tower: str, index: int, threads: int | None) -> _C.Engine:
             return _C.TrtEngine(p, device=index, search_dirs=trt_library.search_dirs())
@@ -204,18 +262,24 @@ def load_bundle(path: str | Path, device: str | Sequence[str], threads: int | No
         if kind == "auto":
             from .engines import cuda_provider_available
 
-            kind = "cuda" if _C.cuda_device_count() > 0 and cuda_provider_available() else "cpu"
+            use_cuda = not on_cpu and _C.cuda_device_count() > 0 and cuda_provider_available()
+            kind = "cuda" if use_cuda else "cpu"
         if kind == "cuda":
             for index in devices.indices:
                 check_cuda(index)
+            engine = ONNXRUNTIME
+        else:
+            engine = cpu_engine_name(engine, precision)
 
         def make(p: Path, tower: str, index: int, threads: int | None) -> _C.Engine:
-            from .engines import OnnxEngine
+            from .engines import OnnxEngine, cpu_engine
 
             batch = meta.towers[tower].batch if meta is not None and tower in meta.towers else None
-            return OnnxEngine(
-                p, device=kind, device_index=index, precision=precision, threads=threads, batch=batch
-            )
+            if kind == "cuda":
+                return OnnxEngine(
+                    p, device=kind, device_index=index, precision=precision, threads=threads, batch=batch
+                )
+            return cpu_engine(p, engine=engine, precision=precision, threads=threads, batch=batch)
 
     shares = thread_shares(threads, len(devices))
     images = tuple(make(path, "image", i, n) for i, n in zip(devices.indices, shares, strict=True))
@@ -231,52 +295,57 @@ def load_bundle(path: str | Path, device: str | Sequence[str], threads: int | No
         elif not plan or text_tower.plan:
             text_path = meta.path(text_tower.plan if plan else text_tower.onnx)
         # else: a plan the sidecar does not list (built later with the printed trtexec commands), by name
-    # Made on first use, once (the tokenizer of a bundle without sidecar reads its context length).
-    first = devices.indices[0]
-    text = (
-        functools.cache(lambda: make(text_path, "text", first, threads))
-        if text_path and text_path.is_file()
-        else None
-    )
 
     engine_size, engine_dim = images[0].info.inputs[0].shape[-1], images[0].info.outputs[0].shape[1]
+    if meta is not None and (meta.preprocess.size, meta.embed_dim) != (engine_size, engine_dim):
+        raise EngineError(
+            f"{sidecar} does not describe {path}: it says {meta.preprocess.size} px -> "
+            f"{meta.embed_dim}-d, the engine takes {engine_size} px -> {engine_dim}-d (a stale sidecar?)"
+        )
+    if meta is None:
+        warnings.warn(
+            f"{path}: no sidecar {files.stem.name}{metadata.SIDECAR_SUFFIX}; preprocessing uses open_clip's "
+            f"defaults at {engine_size} px (OpenAI mean/std, bicubic, 'shortest') and text, if any, the CLIP "
+            "BPE tokenizer: check they match",
+            UserWarning,
+            stacklevel=3,
+        )
+    spec = meta.preprocess if meta is not None else PreprocessSpec(size=engine_size)
+    tokenizer_dir = sidecar.parent if sidecar is not None else path.parent  # its files are relative to it
+
+    def tokenizer_spec(text_engine: _C.Engine) -> metadata.Tokenizer | None:
+        """The sidecar's tokenizer; without a sidecar, CLIP BPE at the text tower's context length."""
+        if meta is not None:
+            return meta.tokenizer
+        shape = text_engine.info.inputs[0].shape
+        context = shape[1] if len(shape) > 1 else DEFAULT_CONTEXT_LENGTH
+        return metadata.Tokenizer(metadata.CLIP_BPE_KIND, context, vocab=CLIP_BPE_VOCAB_FILE)
+
+    if precision == "bf16":  # every replica is the same compilation of the same file: one check
+        check_bf16(images[0], path, preprocess(bf16_check_images(), spec), threads=shares[0])
+
+    def make_text() -> _C.Engine:  # on the first device
+        text_engine = make(text_path, "text", devices.indices[0], threads)
+        if precision == "bf16" and (token_spec := tokenizer_spec(text_engine)) is not None:
+            ids = load_tokenizer(token_spec, tokenizer_dir)(list(BF16_CHECK_TEXTS))
+            check_bf16(text_engine, text_path, ids.astype(text_engine.info.inputs[0].dtype), threads=threads)
+        return text_engine
+
+    # The text tower and tokenizer are made on first use, once.
+    text = functools.cache(make_text) if text_path and text_path.is_file() else None
+    tokenizer = None
+    if meta is not None and meta.tokenizer is not None:
+        tokenizer = functools.partial(load_tokenizer, meta.tokenizer, tokenizer_dir)
+    elif meta is None and text is not None:
+        tokenizer = lambda: load_tokenizer(tokenizer_spec(text()), tokenizer_dir)  # noqa: E731
+    scale, bias = (meta.logit_scale, meta.logit_bias) if meta is not None else (None, None)
+    name = meta.model if meta is not None else path.stem
+    if precision != exported:  # bf16: the same bundle, run in bf16
+        source["precision"] = precision
+    kinds = {"meta": meta, "engine": engine, "precision": precision, "source": source}
     if meta is not None:
-        if (meta.preprocess.size, meta.embed_dim) != (engine_size, engine_dim):
-            raise EngineError(
-                f"{sidecar} does not describe {path}: it says {meta.preprocess.size} px -> "
-                f"{meta.embed_dim}-d, the engine takes {engine_size} px -> {engine_dim}-d (a stale sidecar?)"
-            )
-        tokenizer = (
-            None
-            if meta.tokenizer is None
-            else functools.partial(load_tokenizer, meta.tokenizer, sidecar.parent)
-        )
-        scale, bias = meta.logit_scale, meta.logit_bias
-        kinds = {"meta": meta, "engine": engine, "precision": precision, "source": source}
         kinds["weights_sha256"] = meta.weights.sha256
-        return Towers(
-            images, text, meta.preprocess, tokenizer, engine_dim, meta.model, scale, bias, **kinds, **identity
-        )
-
-    warnings.warn(
-        f"{path}: no sidecar {files.stem.name}{metadata.SIDECAR_SUFFIX}; preprocessing uses open_clip's "
-        f"defaults at {engine_size} px (OpenAI mean/std, bicubic, 'shortest') and text, if any, the CLIP "
-        "BPE tokenizer: check they match",
-        UserWarning,
-        stacklevel=3,
-    )
-    bare_tokenizer = None
-    if text is not None:
-
-        def bare_tokenizer() -> Tokenizer:
-            shape = text().info.inputs[0].shape
-            context = shape[1] if len(shape) > 1 else DEFAULT_CONTEXT_LENGTH
-            spec = metadata.Tokenizer(metadata.CLIP_BPE_KIND, context, vocab=CLIP_BPE_VOCAB_FILE)
-            return load_tokenizer(spec, path.parent)
-
-    spec = PreprocessSpec(size=engine_size)
-    kinds = {"engine": engine, "precision": precision, "source": source}
-    return Towers(images, text, spec, bare_tokenizer, engine_dim, path.stem, **kinds, **identity)
+    return Towers(images, text, spec, tokenizer, engine_dim, name, scale, bias, **kinds, **identity)
 
 
 def load_open_clip(

@@ -81,13 +81,14 @@ def encoder_provenance(encoder: Encoder) -> Provenance:
 
 
 def open_encoder(source: dict[str, Any], device: str = "auto") -> Encoder:
-    """Open the model a provenance's ``source`` names: ``{"bundle": path}`` (an exported bundle) or
+    """Open the model a provenance's ``source`` names: ``{"bundle": path}`` (an exported bundle; with
+    ``"precision": "bf16"`` where it ran in bf16) or
     ``{"model": NAME, "pretrained": TAG | "weights": PATH | "random_weights": true, ...}`` (a model
     name: ``Encoder.from_pretrained``, the same bundle cache entry that embedded the collection)."""
     from .encoder import Encoder
 
     if "bundle" in source:
-        return Encoder(source["bundle"], device=device)
+        return Encoder(source["bundle"], device=device, precision=source.get("precision"))
     if "model" in source:
         keys = ("pretrained", "weights", "random_weights", "image_size", "precision")
         options = {k: source[k] for k in keys if k in source}

@@ -222,11 +222,13 @@ class EmbeddingService:
         self._encoder = encoder
         self.metrics.ready.set(1)
         log.info(
-            "ready: %s (%d-d, %d px, device %s, max batch %d)%s",
+            "ready: %s (%d-d, %d px, device %s, %s %s, max batch %d)%s",
             self.settings.model_name or encoder.model,
             encoder.dim,
             encoder.spec.size,
             encoder.device,
+            encoder.engine,
+            encoder.precision,
             encoder.max_batch,
             "" if self.text_unavailable is None else f"; texts cannot be embedded: {self.text_unavailable}",
         )
