@@ -268,13 +268,19 @@ def test_cli_ray_writes_what_embed_writes_and_resume_redoes_only_missing_partiti
     check_same_as_in_process()
 
 
-def test_cli_ray_resume_refuses_rows_of_another_model(tiny, tiny_clip_bundles, folder, tmp_path, capsys):
+def test_cli_ray_float16_and_resume_refuses_rows_of_another_model(
+    tiny, tiny_clip_bundles, folder, tmp_path, capsys
+):
     out = tmp_path / "emb"
     argv = ["embed", str(folder), "-o", str(out), "--no-progress", "--partition-images", "8", "--ray"]
-    assert cli.main([*argv, "-m", str(tiny[1])]) == cli.EXIT_SOME_FAILED
+    assert cli.main([*argv, "-m", str(tiny[1]), "--dtype", "float16"]) == cli.EXIT_SOME_FAILED
     first = _parts(out)
+    schema = pq.read_schema(first[0])
+    assert schema.field("embedding").type.value_type == pa.float16()
+    assert Provenance.from_json(schema.metadata[PARQUET_KEY]).dtype == "float16"
     first[0].unlink()
     capsys.readouterr()
+    argv += ["--dtype", "float16"]
     assert cli.main([*argv, "-m", str(tiny_clip_bundles[0]), "--resume"]) == cli.EXIT_USAGE
     assert "weights_sha256 differs" in capsys.readouterr().err
     assert _parts(out) == first[1:]  # nothing written, nothing removed

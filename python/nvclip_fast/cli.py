@@ -288,8 +288,11 @@ def _cmd_embed_ray(args: argparse.Namespace) -> int:
     from . import ray
 
     try:
+        if args.workers is not None:
+            raise ValueError(
+                "--workers is for the in-process embed: with --ray, each actor decodes on its --threads"
+            )
         ray.check_ray_output(args.output, resume=args.resume, overwrite=args.overwrite)
-        check_inputs(args.inputs)
         if not (args.pretrained or args.weights or args.random_weights):
             args.model = os.path.abspath(args.model)  # the actors' working directory is not this one
         if args.weights:
