@@ -451,7 +451,7 @@ def _add_job_parsers(sub: argparse._SubParsersAction) -> None:
         default=CHECKPOINT_ROWS,
         metavar="N",
         help=f"save finished rows for --resume once N are waiting, as each batch comes back (default "
-        f"{CHECKPOINT_ROWS}; also on Ctrl-C)",
+        f"{CHECKPOINT_ROWS}; also on Ctrl-C; with --ray each partition's part is saved whole instead)",
     )
     cluster = p.add_argument_group(
         "Ray (the ray extra)",
