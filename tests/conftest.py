@@ -1,4 +1,4 @@
-"""Markers shared by all tests: ``gpu``, ``tensorrt`` and ``slow``.
+"""Markers shared by all tests: ``gpu``, ``tensorrt``, ``slow`` and ``ray``.
 
 ``gpu`` and ``tensorrt`` tests skip themselves, with the reason, where the hardware or library is
 absent; ``slow`` tests run by default and can be deselected with ``-m "not slow"``.
@@ -19,6 +19,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA build of nvclip_fast and a CUDA device")
     config.addinivalue_line("markers", "tensorrt: needs TensorRT (builder and runtime) and a CUDA device")
     config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "ray: starts a local Ray cluster (deselect with -m 'not ray')")
 
 
 @functools.cache

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import shlex
 import sys
 import warnings
@@ -27,6 +28,7 @@ from .embed_files import (
 )
 from .outputs import Checkpoint, check_output_path
 from .probe import LinearProbe
+from .ray import DEFAULT_PARTITION_IMAGES  # the ray extra is imported only when a job uses it
 
 # Exit codes of `nvclip-fast export` (argparse itself exits 2 on malformed arguments).
 EXIT_OK = 0
@@ -247,6 +249,8 @@ def _engine(encoder: Any) -> str:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
+    if args.ray is not None:
+        return _cmd_embed_ray(args)
     try:
         # Before a model is opened (perhaps exported) for nothing.
         check_job_output(args.output, resume=args.resume, overwrite=args.overwrite)
@@ -277,6 +281,48 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     except JOB_ERRORS as e:
         return _fail("embed", e)
     print(f"{summary.line()} ({_engine(encoder)})", file=sys.stderr)
+    return EXIT_OK if summary.ok else EXIT_SOME_FAILED
+
+
+def _cmd_embed_ray(args: argparse.Namespace) -> int:
+    from . import ray
+
+    try:
+        if args.workers is not None:
+            raise ValueError(
+                "--workers is for the in-process embed: with --ray, each actor decodes on its --threads"
+            )
+        ray.check_ray_output(args.output, resume=args.resume, overwrite=args.overwrite)
+        if not (args.pretrained or args.weights or args.random_weights):
+            args.model = os.path.abspath(args.model)  # the actors' working directory is not this one
+        if args.weights:
+            args.weights = os.path.abspath(args.weights)
+        cpus = args.threads or 1
+        summary = ray.embed_with_ray(
+            args.inputs,
+            encoder_loader(args, text=None, max_batch=args.batch, threads=cpus),
+            args.output,
+            address=args.ray or None,
+            batch_size=max(ray.DEFAULT_BATCH_SIZE, args.batch or 0),
+            actors=args.actors,
+            num_gpus=args.gpus_per_actor,
+            num_cpus=cpus,
+            dtype=args.dtype,
+            partition_images=args.partition_images,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=False if args.no_progress else None,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"{PROG} embed: interrupted; the partitions written so far are kept in {args.output} (rerun "
+            "with --resume to finish)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except JOB_ERRORS as e:
+        return _fail("embed", e)
+    print(f"{summary.line()} (Ray)", file=sys.stderr)
     return EXIT_OK if summary.ok else EXIT_SOME_FAILED
 
 
@@ -380,6 +426,7 @@ def _add_job_parsers(sub: argparse._SubParsersAction) -> None:
             "nvclip-fast embed ./photos -m ViT-B-32 --pretrained laion2b_s34b_b79k -o photos.parquet",
             "nvclip-fast embed shards/*.tar @more_files.txt -m vith -o photos.npy --dtype float16",
             "nvclip-fast embed ./photos -m vith.plan -o photos.parquet --resume   # after an interruption",
+            "nvclip-fast embed /shared/photos -m /shared/vith -o /shared/photos.emb --ray auto --threads 8",
         ],
     )
     _add_image_job_options(p)
@@ -404,7 +451,34 @@ def _add_job_parsers(sub: argparse._SubParsersAction) -> None:
         default=CHECKPOINT_ROWS,
         metavar="N",
         help=f"save finished rows for --resume once N are waiting, as each batch comes back (default "
-        f"{CHECKPOINT_ROWS}; also on Ctrl-C)",
+        f"{CHECKPOINT_ROWS}; also on Ctrl-C; with --ray each partition's part is saved whole instead)",
+    )
+    cluster = p.add_argument_group(
+        "Ray (the ray extra)",
+        "-o names a folder of Parquet part files, one per partition of the inputs; its failures are "
+        "listed in OUT.errors.jsonl; --resume skips the partitions already written",
+    )
+    cluster.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="embed on Ray Data: ray.init(address=ADDRESS), e.g. auto or ray://head:10001; without ADDRESS "
+        "the cluster of $RAY_ADDRESS or of the last `ray start` here, else a local one for this job",
+    )
+    cluster.add_argument(
+        "--actors", type=int, metavar="N", help="Encoders (actors) in the pool (default: one per GPU, else 1)"
+    )
+    cluster.add_argument(
+        "--gpus-per-actor", type=float, metavar="G", help="GPUs per actor (default 1 on a cluster with GPUs)"
+    )
+    cluster.add_argument(
+        "--partition-images",
+        type=int,
+        default=DEFAULT_PARTITION_IMAGES,
+        metavar="N",
+        help=f"inputs per part file, the unit of --resume (default {DEFAULT_PARTITION_IMAGES}; a tar shard "
+        "starts a new one)",
     )
     p.set_defaults(run=_cmd_embed)
 
