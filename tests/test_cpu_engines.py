@@ -269,11 +269,13 @@ def test_bf16_check_images_are_built_in_and_varied():
 
 
 @needs_openvino
-def test_threads_reach_openvino(tiny):
+def test_threads_reach_openvino_unpinned(tiny):
     with nf.Encoder(tiny[1], device="cpu", engine="openvino", threads=1) as enc:
         assert enc._towers.images[0]._compiled.get_property("INFERENCE_NUM_THREADS") == 1
     with nf.Encoder(tiny[1], device="cpu,cpu", engine="openvino", threads=3) as enc:  # replicas share them
         assert [e._compiled.get_property("INFERENCE_NUM_THREADS") for e in enc._towers.images] == [2, 1]
+        # Unpinned: pinned, every replica's threads would start from the same core.
+        assert [e._compiled.get_property("ENABLE_CPU_PINNING") for e in enc._towers.images] == [False, False]
 
 
 # --- how to open the same model again --------------------------------------------------------------
