@@ -7,7 +7,9 @@ tokenizer. bf16 tests skip, with the reason, on a CPU without native bf16 arithm
 
 from __future__ import annotations
 
+import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +22,8 @@ from PIL import Image  # noqa: E402
 
 import nvclip_fast as nf  # noqa: E402
 import tiny_models  # noqa: E402
-from nvclip_fast import cli, engines  # noqa: E402
+from nvclip_fast import bundle, cli, engines  # noqa: E402
+from nvclip_fast._C import EngineError  # noqa: E402
 
 # fp32 engines equal open_clip's pipeline to float32 summation order (preprocessing is bit-exact).
 MIN_COS_FP32 = 0.99999
@@ -208,6 +211,41 @@ def test_precision_and_engine_refusals(tiny, tmp_path):
         nf.Encoder(plan, precision="bf16")
     with pytest.raises(ValueError, match="a TensorRT plan runs on TensorRT"):
         nf.Encoder(plan, engine="onnxruntime")
+
+
+def test_an_onnx_engine_named_runs_the_onnx_beside_a_plan(tiny, tmp_path, monkeypatch):
+    # A bundle named by its stem, with a plan beside its ONNX towers, where TensorRT would run: the
+    # engine= named (ONNX Runtime or OpenVINO) runs the .onnx; "auto" would pick the plan.
+    for f in tiny[1].parent.iterdir():
+        if f.suffix != ".pt":
+            shutil.copy(f, tmp_path / f.name)
+    (tmp_path / "tiny.plan").write_bytes(b"not a plan")
+    monkeypatch.setattr(bundle, "tensorrt_unavailable_reason", lambda device: None)
+    engines_named = ["onnxruntime"] + ([] if OPENVINO_SKIP else ["openvino"])
+    for engine in engines_named:
+        with nf.Encoder(tmp_path / "tiny", engine=engine) as enc:
+            assert (enc.engine, enc.device) == (engine, "cpu")
+    with pytest.raises(EngineError):  # "auto" takes the plan (not one here: refused when read)
+        nf.Encoder(tmp_path / "tiny", device="auto")
+
+
+@needs_bf16
+def test_a_text_tower_refused_in_bf16_is_not_checked_again(tiny, monkeypatch):
+    checked = []
+    real_check = bundle.check_bf16
+
+    def check(engine, path, inputs, **kw):
+        if "text" in Path(path).name:
+            checked.append(path)
+            raise EngineError(f"{path}: bf16 cosine to fp32 too low (stand-in)")
+        return real_check(engine, path, inputs, **kw)
+
+    monkeypatch.setattr(bundle, "check_bf16", check)
+    with nf.Encoder(tiny[1], device="cpu", precision="bf16") as enc:
+        for _ in range(2):
+            with pytest.raises(EngineError, match="stand-in"):
+                enc.embed_text(["a cat"])
+    assert len(checked) == 1
 
 
 class _CoreWithout:

@@ -233,8 +233,10 @@ def load_bundle(
     meta, sidecar = files.meta, files.sidecar
     path = files.named
     if path is None:  # the device picks: the plan where TensorRT runs, else the ONNX towers
+        # engine= other than "auto" names an ONNX engine: the .onnx then, whatever the device.
         use_plan = files.plan is not None and (
-            files.onnx is None or (not on_cpu and tensorrt_unavailable_reason(device) is None)
+            files.onnx is None
+            or (engine == "auto" and not on_cpu and tensorrt_unavailable_reason(device) is None)
         )
         path = files.plan if use_plan else files.onnx
     suffix = path.suffix.lower()
@@ -324,11 +326,20 @@ def load_bundle(
     if precision == "bf16":  # every replica is the same compilation of the same file: one check
         check_bf16(images[0], path, preprocess(bf16_check_images(), spec), threads=shares[0])
 
+    bf16_text_refused: list[EngineError] = []  # the text tower failed its bf16 check: for good
+
     def make_text() -> _C.Engine:  # on the first device
+        if bf16_text_refused:
+            raise bf16_text_refused[0]
         text_engine = make(text_path, "text", devices.indices[0], threads)
         if precision == "bf16" and (token_spec := tokenizer_spec(text_engine)) is not None:
             ids = load_tokenizer(token_spec, tokenizer_dir)(list(BF16_CHECK_TEXTS))
-            check_bf16(text_engine, text_path, ids.astype(text_engine.info.inputs[0].dtype), threads=threads)
+            ids = ids.astype(text_engine.info.inputs[0].dtype)
+            try:
+                check_bf16(text_engine, text_path, ids, threads=threads)
+            except EngineError as e:
+                bf16_text_refused.append(e)
+                raise
         return text_engine
 
     # The text tower and tokenizer are made on first use, once.
