@@ -48,9 +48,6 @@ def ray_job(cpu_model, tmp_path_factory):
     photos = bench_photos()
     for k in range(IMAGES):
         Image.fromarray(photos[k % len(photos)]).save(folder / f"{k:03d}.png")
-    ray.init(
-        num_cpus=threads, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False, log_to_driver=False
-    )
     out = tmp_path_factory.mktemp("ray_out")
 
     def in_process() -> Summary:
@@ -80,14 +77,19 @@ def ray_job(cpu_model, tmp_path_factory):
         )
 
     job = {"folder": folder, "threads": threads, "in_process": in_process, "ray": on_ray}
-    assert job["in_process"]().embedded == job["ray"]().embedded == IMAGES
-    a = read_output(out / "in-process.parquet").embeddings
-    with Collection.open(out / "ray") as parts:
-        b = np.concatenate(list(parts.embedding_chunks()))
-    cos = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    assert cos.min() >= MIN_COS, f"Ray and in-process rows disagree: min cosine {cos.min()}"
-    yield job
-    ray.shutdown()
+    ray.init(
+        num_cpus=threads, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False, log_to_driver=False
+    )
+    try:  # shut down also when the rows disagree
+        assert job["in_process"]().embedded == job["ray"]().embedded == IMAGES
+        a = read_output(out / "in-process.parquet").embeddings
+        with Collection.open(out / "ray") as parts:
+            b = np.concatenate(list(parts.embedding_chunks()))
+        cos = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert cos.min() >= MIN_COS, f"Ray and in-process rows disagree: min cosine {cos.min()}"
+        yield job
+    finally:
+        ray.shutdown()
 
 
 @pytest.mark.benchmark(group="ray cpu ViT-S-32")

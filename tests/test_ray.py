@@ -6,9 +6,13 @@ writes what the in-process ``embed`` writes, and ``--resume`` redoes only missin
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
+import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +30,7 @@ from nvclip_fast import cli  # noqa: E402
 from nvclip_fast import ray as nf_ray  # noqa: E402
 from nvclip_fast.collection import Collection  # noqa: E402
 from nvclip_fast.outputs import read_output, read_provenance  # noqa: E402
-from nvclip_fast.provenance import PARQUET_KEY, Provenance  # noqa: E402
+from nvclip_fast.provenance import PARQUET_KEY, Provenance, ProvenanceError  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -284,6 +288,183 @@ def test_cli_ray_float16_and_resume_refuses_rows_of_another_model(
     assert cli.main([*argv, "-m", str(tiny_clip_bundles[0]), "--resume"]) == cli.EXIT_USAGE
     assert "weights_sha256 differs" in capsys.readouterr().err
     assert _parts(out) == first[1:]  # nothing written, nothing removed
+
+
+def _rows(out: Path) -> dict[str, tuple[list[float] | None, Path]]:
+    """Every row of the folder's parts: {id: (embedding, its part)}; no id twice."""
+    rows: dict[str, tuple[list[float] | None, Path]] = {}
+    for part in _parts(out):
+        table = pq.read_table(part)
+        ids, embeddings = (table.column(c).to_pylist() for c in ("path", "embedding"))
+        for image_id, embedding in zip(ids, embeddings, strict=True):
+            assert image_id not in rows, image_id
+            rows[image_id] = (embedding, part)
+    return rows
+
+
+def test_cli_ray_resume_on_fewer_inputs_keeps_the_others_rows_and_checks_the_model_first(
+    tiny, tiny_clip_bundles, images, tmp_path, monkeypatch, capsys
+):
+    a, b = tmp_path / "A", tmp_path / "B"
+    b_files = {"b1.png": "03.png", "b2.png": "broken.png", "b3.png": "04.png"}  # name: image
+    for folder, files in ((a, {n: n for n in ("00.png", "01.png", "02.png")}), (b, b_files)):
+        folder.mkdir()
+        for name, image in files.items():
+            (folder / name).write_bytes(images[image])
+    out = tmp_path / "emb"
+    out.mkdir()
+    monkeypatch.chdir(out)  # -o .: the folder it is run in, its errors file beside it
+    argv = ["-o", ".", "--no-progress", "--partition-images", "5", "--ray"]
+    model = ["-m", str(tiny[1])]
+    # part 0: A's three, B/b1.png and B/b2.png (a broken image); part 1: B/b3.png
+    assert cli.main(["embed", str(a), str(b), *argv, *model]) == cli.EXIT_SOME_FAILED
+    assert "cannot decode" in Path(f"{out}.errors.jsonl").read_text()
+    first = _rows(out)
+    old_part0, b_part = first[str(b / "b1.png")][1], first[str(b / "b3.png")][1]
+    assert old_part0 != b_part
+
+    # Only A, resumed: old part 0 loses A's rows (embedded again in this listing's part) and keeps
+    # B's row and failure; the part of B alone stays as it was.
+    kept = b_part.stat().st_mtime_ns
+    assert cli.main(["embed", str(a), *argv, *model, "--resume"]) == cli.EXIT_OK
+    rows = _rows(out)
+    assert sorted(rows) == sorted(first)  # every row still there, each once
+    assert rows[str(b / "b1.png")] == first[str(b / "b1.png")]
+    assert b_part.stat().st_mtime_ns == kept
+    assert {rows[str(a / n)][1] for n in ("00.png", "01.png", "02.png")}.isdisjoint({old_part0, b_part})
+    trimmed = pq.read_schema(old_part0).metadata
+    assert [e["path"] for e in json.loads(trimmed[nf_ray.ERRORS_KEY])] == [str(b / "b2.png")]
+    assert Provenance.from_json(trimmed[PARQUET_KEY]).dtype == "float32"
+    assert not Path(f"{out}.errors.jsonl").exists()  # this listing had no failure
+
+    # Everything done: the dtype and the model are still checked, here, and no Ray job is started.
+    def no_job(*args, **kwargs):
+        raise AssertionError("a Ray job was started")
+
+    monkeypatch.setattr(ray.data, "from_items", no_job)
+    before = {p: p.stat().st_mtime_ns for p in _parts(out)}
+    capsys.readouterr()
+    assert cli.main(["embed", str(a), *argv, *model, "--resume", "--dtype", "float16"]) == cli.EXIT_USAGE
+    assert "dtype differs" in capsys.readouterr().err
+    assert cli.main(["embed", str(a), *argv, "-m", str(tiny_clip_bundles[0]), "--resume"]) == cli.EXIT_USAGE
+    assert "weights_sha256 differs" in capsys.readouterr().err
+    assert cli.main(["embed", str(a), *argv, *model, "--resume"]) == cli.EXIT_OK
+    assert "already done (resumed)" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in _parts(out)} == before
+
+
+def test_cli_ray_a_model_failing_on_the_actors_is_one_error_line_and_overwrite_keeps_the_parts(
+    tiny, images, tmp_path, capsys
+):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("00.png", "01.png"):
+        (folder / name).write_bytes(images[name])
+    out = tmp_path / "emb"
+    argv = ["embed", str(folder), "-o", str(out), "--no-progress", "--ray"]
+    assert cli.main([*argv, "-m", str(tiny[1])]) == cli.EXIT_OK
+    before = {p: p.stat().st_mtime_ns for p in _parts(out)}
+    # A bundle the driver finds (its files are there) that no actor can open: its ONNX is garbage.
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny[1].parent, broken, ignore=shutil.ignore_patterns("*.pt"))
+    (broken / tiny[1].name).write_bytes(b"not an ONNX model")
+    capsys.readouterr()
+    assert cli.main([*argv, "-m", str(broken / tiny[1].name), "--overwrite"]) == cli.EXIT_USAGE
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("nvclip-fast embed: error: on Ray: ")
+    assert "Error: " in lines[0]  # the error the actor raised, by its type
+    assert f"{broken / tiny[1].name}" in lines[0]  # naming the file it could not load
+    assert "Traceback" not in lines[0]
+    assert {p: p.stat().st_mtime_ns for p in _parts(out)} == before  # the old output is intact
+
+
+def test_every_batch_must_be_of_the_first_batchs_model(encoder, tmp_path):
+    def batch(provenance: Provenance) -> pa.Table:
+        return pa.table({"path": ["x"]}).replace_schema_metadata({PARQUET_KEY: provenance.to_json()})
+
+    made = encoder.provenance()
+    writer = nf_ray._Writer(tmp_path, [], "float32", None, nf_ray._Old({}, [], set(), overwrite=False))
+    writer.check(batch(made))
+    writer.check(batch(made.replace(created="another actor, another time")))  # the same model
+    with pytest.raises(ProvenanceError, match=r"actors opened different models \(weights_sha256 differs"):
+        writer.check(batch(made.replace(weights_sha256="0" * 64)))
+
+
+def test_the_output_folder_is_made_absolute_and_the_root_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert nf_ray.check_ray_output(".", resume=False, overwrite=False) == tmp_path
+    with pytest.raises(ValueError, match="root folder"):
+        nf_ray.check_ray_output("/", resume=True, overwrite=False)
+
+
+@pytest.mark.parametrize(
+    ("gpus", "options", "expected"),
+    [
+        (4, {}, (4, 1)),  # one actor per GPU
+        (4, {"num_gpus": 2}, (2, 2)),
+        (0, {}, (1, None)),  # no GPU: one CPU actor
+        (4, {"device": "cpu"}, (1, None)),  # the CPU on a GPU cluster: no GPU reserved
+        (4, {"device": "cpu", "actors": 3}, (3, None)),
+        (4, {"device": ["cpu", "cpu"]}, (1, None)),
+    ],
+)
+def test_the_actor_pool_takes_gpus_unless_on_the_cpu(gpus, options, expected):
+    assert nf_ray.actor_pool(gpus, **options) == expected
+
+
+def test_the_actor_pool_refuses_gpus_on_the_cpu():
+    with pytest.raises(ValueError, match="device cpu takes no GPU"):
+        nf_ray.actor_pool(4, device="cpu", num_gpus=1)
+
+
+# The command in a process of its own: it starts a local Ray (in RAY_TMPDIR) and stops it.
+CLI_ON_ITS_OWN_RAY = """
+import json, sys
+import ray
+from nvclip_fast import cli
+code = cli.main(sys.argv[1:])
+print(json.dumps({"code": code, "ray_running": ray.is_initialized()}))
+"""
+
+
+def test_cli_ray_starts_its_own_local_ray_and_shuts_it_down(tiny, images, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("00.png", "01.png"):
+        (folder / name).write_bytes(images[name])
+    out = tmp_path / "emb"
+    # A short temporary folder of its own (Ray's socket paths must stay short): its processes are
+    # told apart from every other Ray on this machine by it.
+    ray_tmp = tempfile.mkdtemp(prefix="nvr", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
+    argv = ["embed", str(folder), "-m", str(tiny[1]), "-o", str(out), "--no-progress", "--ray"]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", CLI_ON_ITS_OWN_RAY, *argv, "--threads", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.splitlines()[-1]) == {"code": cli.EXIT_OK, "ray_running": False}
+        assert sorted(pq.read_table(_parts(out)[0]).column("path").to_pylist()) == sorted(
+            str(folder / n) for n in ("00.png", "01.png")
+        )
+        left = [
+            p.name for p in Path("/proc").iterdir() if p.name.isdigit() and ray_tmp.encode() in _cmdline(p)
+        ]
+        assert left == []  # no process of its Ray outlives it
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _cmdline(process: Path) -> bytes:
+    try:
+        return (process / "cmdline").read_bytes()
+    except OSError:  # ended meanwhile
+        return b""
 
 
 # --- without a cluster -----------------------------------------------------------------------------

@@ -307,6 +307,7 @@ def _cmd_embed_ray(args: argparse.Namespace) -> int:
             actors=args.actors,
             num_gpus=args.gpus_per_actor,
             num_cpus=cpus,
+            device=args.device,  # the loader opens the model on it; device cpu: no GPU for the actors
             dtype=args.dtype,
             partition_images=args.partition_images,
             resume=args.resume,
@@ -320,6 +321,8 @@ def _cmd_embed_ray(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    except ray.job_errors() as e:  # a worker's error, wrapped by Ray with its traceback
+        return _fail("embed", f"on Ray: {ray.error_line(e)}")
     except JOB_ERRORS as e:
         return _fail("embed", e)
     print(f"{summary.line()} (Ray)", file=sys.stderr)
@@ -467,10 +470,16 @@ def _add_job_parsers(sub: argparse._SubParsersAction) -> None:
         "the cluster of $RAY_ADDRESS or of the last `ray start` here, else a local one for this job",
     )
     cluster.add_argument(
-        "--actors", type=int, metavar="N", help="Encoders (actors) in the pool (default: one per GPU, else 1)"
+        "--actors",
+        type=int,
+        metavar="N",
+        help="Encoders (actors) in the pool (default: one per GPU, else 1; 1 with --device cpu)",
     )
     cluster.add_argument(
-        "--gpus-per-actor", type=float, metavar="G", help="GPUs per actor (default 1 on a cluster with GPUs)"
+        "--gpus-per-actor",
+        type=float,
+        metavar="G",
+        help="GPUs per actor (default 1 on a cluster with GPUs; none with --device cpu)",
     )
     cluster.add_argument(
         "--partition-images",

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -338,32 +339,96 @@ def _row(source: Source, partition: int) -> dict[str, Any]:
     }
 
 
+def _another_job(out: Path, why: str) -> ProvenanceError:
+    return ProvenanceError(
+        f"--resume: {out} holds rows of another job ({why}); resume with the same model and options, or "
+        "write to another output (or --overwrite)"
+    )
+
+
+class _Old:
+    """The parts of the output folder this job replaces: ``removed`` (all their inputs are in this
+    listing, or ``--overwrite``) and ``trimmed`` (some are: rewritten without them, keeping their
+    other rows, failures and provenance). Retired once, when the job's rows are known to be of the
+    stored model and before any of its parts is written: no row is ever in two parts."""
+
+    def __init__(self, found: dict[str, Path], plan: Sequence[Partition], ids: set[str], overwrite: bool):
+        self.ids = ids
+        self.removed: list[Path] = []
+        self.trimmed: list[Path] = []
+        planned = {p.name for p in plan}
+        for name, path in found.items():
+            if overwrite:
+                self.removed.append(path)
+            elif name not in planned:  # a planned part is done, or replaced when its partition is
+                held = set(_Part.read(path).ids())
+                if held <= ids:
+                    self.removed.append(path)
+                elif held & ids:
+                    self.trimmed.append(path)
+
+    def retire(self) -> None:
+        while self.trimmed:
+            _trim(self.trimmed.pop(), self.ids)
+        while self.removed:
+            self.removed.pop().unlink(missing_ok=True)
+
+
+def _trim(path: Path, ids: set[str]) -> None:
+    """Rewrite the part ``path`` (atomically, under its name) without the rows and failures of
+    ``ids``; its other rows, failures and metadata stay. Its name then no longer matches its rows
+    (fewer than the partition it was written for), so no listing takes it as complete."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    metadata = dict(table.schema.metadata or {})
+    errors = [e for e in json.loads(metadata.get(ERRORS_KEY, b"[]")) if e["path"] not in ids]
+    metadata[ERRORS_KEY] = json.dumps(errors).encode()
+    given = pc.is_in(table.column(ID), value_set=pa.array(sorted(ids), pa.string()))
+    table = table.filter(pc.invert(given)).replace_schema_metadata(metadata)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
 class _Writer:
     """Collects the rows of each partition as they come back and writes the partition's part file
     once every one of its inputs has its row or its error. A row that comes back twice (a retried
-    batch) counts once."""
+    batch) counts once. The parts ``old`` replaces are retired when the first batch is checked."""
 
-    def __init__(self, out: Path, todo: Sequence[Partition], dtype: str, stored: Provenance | None):
-        self.out, self.dtype, self.stored = out, dtype, stored
+    def __init__(
+        self, out: Path, todo: Sequence[Partition], dtype: str, stored: Provenance | None, old: _Old
+    ):
+        self.out, self.dtype, self.stored, self.old = out, dtype, stored, old
         self.todo = {p.index: p for p in todo}
         self.received: dict[int, list[pa.Table]] = {p.index: [] for p in todo}
         self.seen: dict[int, set[str]] = {p.index: set() for p in todo}
         self.provenance: Provenance | None = None
         self.embedded = 0
 
+    def check(self, batch: pa.Table) -> None:
+        """The batch's provenance must be the first batch's (every actor opened the same model), and
+        the first batch's the stored rows' (ProvenanceError naming the field otherwise)."""
+        made = Provenance.from_json(batch.schema.metadata[PARQUET_KEY]).replace(dtype=self.dtype)
+        if self.provenance is None:
+            if self.stored is not None and (why := self.stored.mismatch(made, also=("dtype",))):
+                raise _another_job(self.out, why)
+            self.provenance = made
+            self.old.retire()
+        elif why := self.provenance.mismatch(made, also=("dtype",)):
+            raise ProvenanceError(
+                f"the actors opened different models ({why}): the model must be the same file at the "
+                "same path on every node"
+            )
+
     def take(self, batch: pa.Table) -> None:
-        """Take a batch of results, writing the partitions it completes. The first batch's provenance
-        must be the stored rows' (ProvenanceError naming the field otherwise)."""
+        """Take a batch of results (checked first), writing the partitions it completes."""
         import pyarrow.compute as pc
 
-        if self.provenance is None:
-            made = Provenance.from_json(batch.schema.metadata[PARQUET_KEY]).replace(dtype=self.dtype)
-            if self.stored is not None and (why := self.stored.mismatch(made, also=("dtype",))):
-                raise ProvenanceError(
-                    f"--resume: {self.out} holds rows of another job ({why}); resume with the same model "
-                    "and options, or write to another output (or --overwrite)"
-                )
-            self.provenance = made
+        if not len(batch):
+            return  # no rows: nothing to check or write
+        self.check(batch)
         for index in pc.unique(batch.column(PARTITION)).to_pylist():
             if index not in self.received:
                 continue  # written already: a retried batch's copy
@@ -412,14 +477,21 @@ class _Writer:
 
 
 def check_ray_output(out: str | os.PathLike[str], *, resume: bool, overwrite: bool) -> Path:
-    """``out`` as the output folder of ``embed --ray``: refused (FileExistsError) when it is a file,
-    or holds part files and the job was told neither to ``resume`` nor to ``overwrite``."""
+    """``out`` as the output folder of ``embed --ray`` (made absolute: ``.`` is the current folder,
+    its errors file beside it): refused (ValueError) for the root folder, which has nothing beside
+    it; refused (FileExistsError) when it is a file, or holds part files and the job was told
+    neither to ``resume`` nor to ``overwrite``."""
     from .outputs import OutputExistsError
 
-    path = Path(out)
+    path = Path(os.path.abspath(out))
     if resume and overwrite:
         raise ValueError(
             "resume and overwrite exclude each other: resume adds to the output, overwrite replaces it"
+        )
+    if not path.name:
+        raise ValueError(
+            f"{out} is the root folder: -o must name a folder with a parent, for its errors file "
+            "beside it (e.g. /embeddings)"
         )
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"{path} is a file: --ray writes a folder of Parquet part files")
@@ -428,6 +500,41 @@ def check_ray_output(out: str | os.PathLike[str], *, resume: bool, overwrite: bo
             f"{path} holds part files: pass --overwrite to replace them, or --resume to add the missing ones"
         )
     return path
+
+
+def _on_cpu(device: str | Sequence[str]) -> bool:
+    return all(d == "cpu" for d in ([device] if isinstance(device, str) else device))
+
+
+def actor_pool(
+    cluster_gpus: float,
+    *,
+    actors: int | None = None,
+    num_gpus: float | None = None,
+    device: str | Sequence[str] = "auto",
+) -> tuple[int, float | None]:
+    """The actor pool of ``embed --ray`` on a cluster with ``cluster_gpus`` GPUs: (actors, GPUs per
+    actor, None for none). ``device="cpu"``: no GPU, 1 actor unless given (ValueError for GPUs
+    asked with it). Otherwise each actor takes ``num_gpus`` (default 1 where the cluster has GPUs,
+    else none) and the pool defaults to one actor per ``num_gpus`` of the cluster's GPUs, else 1."""
+    if _on_cpu(device):
+        if num_gpus:
+            raise ValueError(f"device cpu takes no GPU: {num_gpus} GPUs per actor asked")
+        return actors or 1, None
+    if num_gpus is None:
+        num_gpus = 1 if cluster_gpus else None
+    if actors is None:
+        actors = max(1, int(cluster_gpus // num_gpus)) if num_gpus else 1
+    return actors, num_gpus
+
+
+def _model_provenance(model: ModelSource, dtype: str, options: dict[str, Any]) -> Provenance:
+    """The provenance of ``model`` opened in this process, as an actor opens it (``options``: those
+    of :func:`embed_dataset`), without Ray."""
+    cls = options.get("embedder", Embedder)
+    opened = cls(model, **{k: v for k, v in options.items() if k not in ("embedder", "ray_remote_args")})
+    with opened.encoder:
+        return opened.provenance.replace(dtype=dtype)
 
 
 def embed_with_ray(
@@ -456,17 +563,26 @@ def embed_with_ray(
     schema metadata, and its partition's failures in the metadata too; it is written by this process
     (the driver) under a temporary name and renamed, so a part that exists is complete. The failures
     of every partition, inputs given twice (``duplicate``) included, are listed in
-    ``OUT.errors.jsonl`` beside the folder (written only when one failed). ``resume`` skips the
-    partitions whose part exists (their failures are not retried: ``overwrite`` redoes everything);
-    part files of another listing of the inputs that hold ids of this one are removed (their images
-    are embedded again in this listing's partitions), others are kept. Rows made by another model,
-    preprocessing, precision or dtype are refused (ProvenanceError naming the field).
+    ``OUT.errors.jsonl`` beside the folder (written only when one failed, at the end).
+
+    ``resume`` skips the partitions whose part exists (their failures are not retried: ``overwrite``
+    redoes everything). Part files of another listing of the inputs are kept when they hold no id of
+    this one, removed when all their ids are in this one, and otherwise rewritten without this
+    listing's ids (their images are embedded again in this listing's partitions): rows of inputs not
+    given this time are kept, as ``embed`` keeps them. Rows made by another model, preprocessing,
+    precision or dtype are refused (ProvenanceError naming the field), by this process before the
+    job: the dtype, and with nothing left to do the model too (opened here, without Ray, which is
+    then not started); else on the job's first batch. ``overwrite`` replaces the old parts: those of
+    this listing's partitions as each is written, the others removed on the job's first batch (a job
+    that cannot start leaves the folder as it was). Parts change only once the first batch's rows
+    are known to be of the stored model; every batch must be of the first one's (ProvenanceError:
+    a node whose model path holds another file).
 
     Ray: an existing connection is used as it is; else ``ray.init(address=address)`` (None: the
     cluster of ``$RAY_ADDRESS`` or of the last ``ray start`` on this machine, else a local one), shut
-    down at the end. ``actors`` (default: one per GPU of the cluster, else 1) each
-    take ``num_gpus`` (default 1 on a cluster with GPUs) and ``num_cpus``; ``embedder``:
-    further :func:`embed_dataset` options.
+    down at the end. The pool is sized by :func:`actor_pool` (``device`` among ``embedder``: with
+    ``"cpu"`` no GPU); each actor takes ``num_cpus``; ``embedder``: further :func:`embed_dataset`
+    options.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -476,31 +592,30 @@ def embed_with_ray(
     sources, duplicates = _listed(inputs)
     plan = partitions(sources, partition_images)
     found = {p.name: p for p in out.glob(f"{PART_PREFIX}*{PART_SUFFIX}")} if out.is_dir() else {}
-    if overwrite:
-        for path in found.values():
-            path.unlink()
-        found = {}
-    stored = _stored_provenance(found.values())
-    done = [p for p in plan if p.name in found and _complete(found[p.name], p)]
+    stored = None if overwrite else _stored_provenance(found.values())
+    if stored is not None and stored.dtype != dtype:
+        raise _another_job(out, f"dtype differs: {stored.dtype!r} vs {dtype!r}")
+    done = [] if overwrite else [p for p in plan if p.name in found and _complete(found[p.name], p)]
     todo = [p for p in plan if p not in done]
-    # Parts of another listing of the inputs (other files, another --partition-images) holding ids of
-    # this one: their images are embedded again in this listing's partitions, so they go, once this
-    # job's rows are known to be of the same model as theirs.
-    planned, ids = {p.name for p in plan}, {s.id for s in sources}
-    stale = [p for name, p in found.items() if name not in planned and ids.intersection(_Part.read(p).ids())]
-    out.mkdir(parents=True, exist_ok=True)
-    writer = _Writer(out, todo, dtype, stored)
-    with _connected(ray, address):
-        if todo:
+    old = _Old(found, plan, {s.id for s in sources}, overwrite)
+    writer = _Writer(out, todo, dtype, stored, old)
+    if not todo:  # every partition done: the stored rows must still be of this model
+        assert stored is not None
+        if why := stored.mismatch(_model_provenance(model, dtype, embedder), also=("dtype",)):
+            raise _another_job(out, why)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        with _connected(ray, address):
             ds = ray.data.from_items(
                 [_row(s, p.index) for p in todo for s in p.sources], override_num_blocks=len(todo)
             )
             ds = ds.map_batches(_read_sources, batch_format="pyarrow", batch_size=batch_size)
-            gpus = ray.cluster_resources().get("GPU", 0)
-            if num_gpus is None:
-                num_gpus = 1 if gpus else None
-            if actors is None:
-                actors = max(1, int(gpus // num_gpus)) if num_gpus else 1
+            actors, num_gpus = actor_pool(
+                ray.cluster_resources().get("GPU", 0),
+                actors=actors,
+                num_gpus=num_gpus,
+                device=embedder.get("device", "auto"),
+            )
             ds = embed_dataset(
                 ds,
                 model,
@@ -513,11 +628,10 @@ def embed_with_ray(
             with progress_bar(sum(len(p.sources) for p in todo), progress, unit="img") as bar:
                 for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                     writer.take(batch)
-                    _remove(stale)
                     bar.update(len(batch))
             if writer.missing():
                 raise RuntimeError(f"Ray returned no row for {writer.missing()} inputs: rerun with --resume")
-    _remove(stale)
+    old.retire()
     errors = [e for p in plan for e in _Part.read(out / p.name).errors]
     errors_path = write_errors(out, errors + duplicates)
     return Summary(
@@ -532,9 +646,35 @@ def embed_with_ray(
     )
 
 
-def _remove(paths: list[Path]) -> None:
-    while paths:
-        paths.pop().unlink(missing_ok=True)
+def job_errors() -> tuple[type[BaseException], ...]:
+    """Ray's exceptions a job ends with when a worker fails (a task's or an actor's error, an actor
+    that cannot start, a stalled execution); none where Ray is not installed."""
+    try:
+        import ray.exceptions
+    except ImportError:
+        return ()
+    errors: tuple[type[BaseException], ...] = (ray.exceptions.RayError,)
+    with contextlib.suppress(ImportError):
+        from ray.data.exceptions import ExecutionTimeoutError
+
+        errors += (ExecutionTimeoutError,)
+    return errors
+
+
+def error_line(error: BaseException) -> str:
+    """One line for an error of :func:`job_errors`: the error that started it, ``Type: message``.
+    Ray wraps a worker's error with its traceback (``RayTaskError.cause`` holds the error where Ray
+    could rebuild it; an actor that died in its constructor keeps only the text, whose error follows
+    the traceback's last indented line)."""
+    while isinstance(cause := getattr(error, "cause", None), BaseException) and cause is not error:
+        error = cause
+    lines = _ANSI_CODE.sub("", str(error)).splitlines()
+    frames = [k for k, line in enumerate(lines) if line[:1].isspace()]
+    message = " ".join(line.strip() for line in lines[frames[-1] + 1 if frames else 0 :] if line.strip())
+    return message if frames and message else f"{type(error).__name__}: {message}"
+
+
+_ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the names in its tracebacks
 
 
 def _complete(path: Path, partition: Partition) -> bool:
