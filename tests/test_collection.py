@@ -3,10 +3,8 @@ queries are embedded by the collection's own model and another model is refused.
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 import warnings
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from nvclip_fast.collection import (
 )
 from nvclip_fast.provenance import ProvenanceError
 from nvclip_fast.sources import read_id, source_id
+from tar_shards import write_tar
 
 DIM = 24
 # Exact search computes the same float32 dot products as numpy, in BLAS blocks of another shape:
@@ -166,11 +165,7 @@ def test_parts_of_another_model_and_bad_files_are_refused(tmp_path):
 def test_read_id_reads_files_and_tar_members_and_nothing_else(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"file bytes")
     shard = tmp_path / "s::x.tar"  # the separator inside the tar's own name
-    with tarfile.open(shard, "w") as tar:
-        for name, data in (("k1.jpg", b"member one"), ("dir/k2.png", b"member two")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    write_tar(shard, [("k1.jpg", b"member one"), ("dir/k2.png", b"member two")])
     assert read_id(source_id(tmp_path / "a.jpg")) == b"file bytes"
     assert read_id(source_id(shard, "dir/k2.png")) == b"member two"
     with pytest.raises(FileNotFoundError, match=r"no member 'nope\.jpg'"):

@@ -12,7 +12,6 @@ import signal
 import struct
 import subprocess
 import sys
-import tarfile
 import time
 import zlib
 from pathlib import Path
@@ -33,6 +32,7 @@ from nvclip_fast import cli  # noqa: E402
 from nvclip_fast.outputs import Checkpoint, read_ids, read_output, read_provenance  # noqa: E402
 from nvclip_fast.provenance import Provenance  # noqa: E402
 from nvclip_fast.sources import read_id, source_id  # noqa: E402
+from tar_shards import write_tar  # noqa: E402
 
 MAX_BATCH = 8
 # Rows of the same image through the CLI and through Encoder.embed run the same graph on the same
@@ -115,12 +115,8 @@ def messy(tmp_path_factory):
     (root / "b_nested" / "readme.txt").write_text("not an image, not listed")
     (root / "b_nested" / "bomb.png").write_bytes(bomb_png())
     shard = root / "c_shard.tar"
-    with tarfile.open(shard, "w") as tar:
-        for name, image in [("000001.jpg", rgb(33, 44)), ("000001.txt", None), ("000002.png", rgb(20, 90))]:
-            data = b"a caption" if image is None else _encoded(image, name)
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    members = [("000001.jpg", rgb(33, 44)), ("000001.txt", None), ("000002.png", rgb(20, 90))]
+    write_tar(shard, [(n, b"a caption" if im is None else _encoded(im, n)) for n, im in members])
     # Scan order: a folder's own files (sorted) before its sub-folders (sorted), depth first.
     good = [f"{shard}::000001.jpg", f"{shard}::000002.png"]
     good += sorted(str(p) for p in (photo, gray, rgba, palette, cmyk, deep, rotated))
@@ -569,12 +565,9 @@ def test_distinct_names_are_never_merged_and_duplicates_are_listed(encoder, tmp_
     for name in (b"a\xff.png", b"a\\xff.png"):  # not UTF-8, and a name that spells its old id
         Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(folder / os.fsdecode(name))
     shard = folder / "s.tar"
-    with tarfile.open(shard, "w") as tar:
-        for _ in range(2):  # the same member name twice: two members
-            data = _encoded(Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)), "m.png")
-            info = tarfile.TarInfo("m.png")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    pixels = [rng.integers(0, 256, (20, 30, 3), dtype=np.uint8) for _ in range(2)]
+    # The same member name twice: two members.
+    write_tar(shard, [("m.png", _encoded(Image.fromarray(p), "m.png")) for p in pixels])
     out = tmp_path / "o.parquet"
     twice = folder / os.fsdecode(b"a\xff.png")
     summary = nf.embed_files([folder, twice], encoder, out, progress=False)
@@ -632,14 +625,7 @@ def test_one_path_is_one_input_and_an_empty_folder_writes_nothing(encoder, messy
 
 def test_errors_name_the_path_or_tar_member(encoder, tmp_path):
     shard = tmp_path / "s.tar"
-    with tarfile.open(shard, "w") as tar:
-        for name, data in [
-            ("good.png", _encoded(Image.new("RGB", (9, 9)), "x.png")),
-            ("bad.png", b"not a png"),
-        ]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    write_tar(shard, [("good.png", _encoded(Image.new("RGB", (9, 9)), "x.png")), ("bad.png", b"not a png")])
     summary = nf.embed_files(shard, encoder, tmp_path / "o.npy", progress=False)
     (line,) = (tmp_path / "o.npy.errors.jsonl").read_text().splitlines()
     error = json.loads(line)

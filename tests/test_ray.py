@@ -31,6 +31,7 @@ from nvclip_fast import ray as nf_ray  # noqa: E402
 from nvclip_fast.collection import Collection  # noqa: E402
 from nvclip_fast.outputs import read_output, read_provenance  # noqa: E402
 from nvclip_fast.provenance import PARQUET_KEY, Provenance, ProvenanceError  # noqa: E402
+from tar_shards import write_tar  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -103,12 +104,7 @@ def shard(tmp_path_factory) -> Path:
     for key in ("000001", "000002", "000003", "000004"):
         image = b"garbage, not a JPEG" if key == "000003" else _jpeg(rng, 24, 36)
         members += [(f"{key}.jpg", image), (f"{key}.txt", f"caption {key}".encode())]
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+    return write_tar(path, members)
 
 
 def _check_rows(table: pa.Table, encoder, data_of, id_column: str) -> None:

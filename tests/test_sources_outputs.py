@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import stat
-import tarfile
 import threading
 
 import numpy as np
@@ -30,6 +29,7 @@ from nvclip_fast.outputs import (
 )
 from nvclip_fast.provenance import Provenance, ProvenanceError
 from nvclip_fast.sources import NotAnImageSource, ParsedId, iter_sources, parse_id, read_id
+from tar_shards import write_tar
 
 PROVENANCE = Provenance(model="tiny", embed_dim=4, preprocess={"size": 8}, weights_sha256="a" * 64)
 
@@ -57,11 +57,10 @@ def folder(tmp_path):
     (root / "b" / "no_extension").write_bytes(_png_bytes())  # taken by its signature
     (root / "b" / "deeper" / "empty.jpg").write_bytes(b"")  # taken by its name; fails later
     (root / "b" / "data.bin").write_bytes(b"\x00\x01\x02")
-    with tarfile.open(root / "b" / "shard.tar", "w") as tar:
-        for name, data in [("000.jpg", _jpeg_bytes()), ("000.txt", b"caption"), ("001.png", _png_bytes())]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    write_tar(
+        root / "b" / "shard.tar",
+        [("000.jpg", _jpeg_bytes()), ("000.txt", b"caption"), ("001.png", _png_bytes())],
+    )
     return root
 
 
@@ -101,13 +100,7 @@ def test_list_file_and_missing_paths(folder, tmp_path):
 
 
 def test_truncated_tar_reports_the_shard(tmp_path):
-    good = tmp_path / "good.tar"
-    with tarfile.open(good, "w") as tar:
-        for name in ("a.png", "b.png"):
-            data = _png_bytes()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    good = write_tar(tmp_path / "good.tar", [(name, _png_bytes()) for name in ("a.png", "b.png")])
     broken = tmp_path / "broken.tar"
     broken.write_bytes(good.read_bytes()[:700])  # cut inside the second member
     sources = list(iter_sources([broken]))
@@ -290,15 +283,6 @@ def test_unreadable_directory_is_an_error_item(tmp_path, monkeypatch):
 # --- ids: lossless, parsed back, read back --------------------------------------------------------
 
 
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
 def test_ids_are_lossless_for_any_file_name(tmp_path):
     # Names that the old backslash-replace ids merged or that a line-based id file split.
     names = [
@@ -326,7 +310,7 @@ def test_ids_are_lossless_for_any_file_name(tmp_path):
 
 
 def test_repeated_tar_members_each_get_an_id(tmp_path):
-    shard = _tar(
+    shard = write_tar(
         tmp_path / "shard.tar",
         [("000.png", _png_bytes((1, 1, 1))), ("000.png", _png_bytes((2, 2, 2))), ("a::b.png", _png_bytes())],
     )
