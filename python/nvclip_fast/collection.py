@@ -24,6 +24,7 @@ given to ``embed``).
 
 from __future__ import annotations
 
+import abc
 import json
 import mmap
 import os
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .outputs import IDS_SUFFIX, LEGACY_PATHS_SUFFIX, NPY_SUFFIX, PARQUET_SUFFIX, PROVENANCE_SUFFIX
+from .outputs import IDS_SUFFIX, LEGACY_PATHS_SUFFIX, NPY_SUFFIX, PARQUET_SUFFIX, PROVENANCE_SUFFIX, read_ids
 from .provenance import IDENTITY_FIELDS, PARQUET_KEY, Provenance, ProvenanceError
 from .sources import read_id
 
@@ -100,7 +101,7 @@ def open_encoder(source: dict[str, Any], device: str = "auto") -> Encoder:
 # Parts: one Parquet file, or one .npy with its ids
 
 
-class _Part:
+class _Part(abc.ABC):
     """One stored file of a collection."""
 
     path: Path
@@ -109,14 +110,17 @@ class _Part:
     dtype: str
     stored: dict[str, Any] | None  # the provenance (or older metadata) JSON object, None when absent
 
+    @abc.abstractmethod
     def embeddings(self, chunk_rows: int) -> Iterator[np.ndarray]:
-        raise NotImplementedError
+        """The (rows, dim) embeddings, ``chunk_rows`` rows at a time, in row order."""
 
+    @abc.abstractmethod
     def ids(self) -> pa.Array | list[str]:
-        raise NotImplementedError
+        """Every row's id, in row order."""
 
+    @abc.abstractmethod
     def sizes(self) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """Every row's image width and height (``NO_SIZE`` where not stored)."""
 
 
 class _ParquetPart(_Part):
@@ -227,16 +231,10 @@ class _NpyPart(_Part):
 
     def ids(self) -> list[str]:
         if self._ids_path.is_file():
-            ids = []
-            with open(self._ids_path, encoding="utf-8") as f:
-                for number, line in enumerate(f, 1):
-                    try:
-                        item = json.loads(line)
-                    except ValueError as e:
-                        raise CollectionError(f"{self._ids_path}:{number}: not a JSON string: {e}") from e
-                    if not isinstance(item, str):
-                        raise CollectionError(f"{self._ids_path}:{number}: expected a string, got {item!r}")
-                    ids.append(item)
+            try:
+                ids = read_ids(self._ids_path)
+            except ValueError as e:
+                raise CollectionError(str(e)) from e
             where = self._ids_path
         else:
             ids = self._legacy_ids.read_text(encoding="utf-8").split("\n")[:-1]
