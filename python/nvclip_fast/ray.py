@@ -503,7 +503,15 @@ def check_ray_output(out: str | os.PathLike[str], *, resume: bool, overwrite: bo
 
 
 def _on_cpu(device: str | Sequence[str]) -> bool:
-    return all(d == "cpu" for d in ([device] if isinstance(device, str) else device))
+    """Whether the actors' ``device`` is the CPU ("cpu", "cpu,cpu", ["cpu", ...]); CUDA devices this
+    process cannot see ("cuda:all" on a driver without a GPU) are not."""
+    from ._C import EngineError
+    from .devices import parse_devices
+
+    try:
+        return parse_devices(device).kind == "cpu"
+    except EngineError:
+        return False
 
 
 def actor_pool(
